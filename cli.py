@@ -1,0 +1,191 @@
+"""The `attnbench` command line: one small function per command.
+
+Commands read and print; the work happens in attnbench.kernels and attnbench.tuner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="Benchmark and autotune attention kernels for LLM inference in JAX.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _prefer_cpu_without_accelerator() -> None:
+    """On a host with no GPU or TPU, keep JAX from probing for CUDA (slow, noisy tracebacks
+    when the CUDA plugin is installed only to cross-compile)."""
+    # absl's INFO lines ("Could not find cuda drivers") are noise for a command-line user.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    has_accelerator = any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
+    if not has_accelerator:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _parse_features(features: str) -> frozenset[str]:
+    from attnbench.kernels.inputs import FEATURES
+
+    chosen = frozenset(f for f in features.split(",") if f) if features else frozenset()
+    unknown = sorted(chosen - set(FEATURES))
+    if unknown:
+        raise typer.BadParameter(f"unknown feature(s) {unknown}; choose from {list(FEATURES)}",
+                                 param_hint="--features")
+    return chosen
+
+
+@app.command("list")
+def list_variants(
+    op: Optional[str] = typer.Option(None, help="Only this op: decode or paged."),
+    format: str = typer.Option("text", help="text (for people) or json (for tools)."),
+) -> None:
+    """List every kernel variant: platforms, features and config space."""
+    from attnbench.kernels import registry
+
+    described = [v.describe() for v in registry.variants(op)]
+    if format == "json":
+        typer.echo(json.dumps(described, indent=2))
+        return
+    if format != "text":
+        raise typer.BadParameter("must be text or json", param_hint="--format")
+    for item in described:
+        default_on = [p for (o, p), name in registry.DEFAULT_VARIANT.items()
+                      if o == item["op"] and name == item["name"]]
+        typer.echo(f"{item['op']}/{item['name']}: {item['description']}")
+        typer.echo(f"  platforms: {', '.join(item['platforms'])}"
+                   f"{'  (+ CPU interpreter)' if item['interpretable'] else ''}"
+                   f"{'  default on: ' + ', '.join(default_on) if default_on else ''}")
+        typer.echo(f"  features: {', '.join(item['features']) or 'none'};"
+                   f" dtypes: {', '.join(item['dtypes'])}")
+        if not item["config_space"]:
+            typer.echo("  config: nothing to tune")
+        for name, space in item["config_space"].items():
+            typer.echo(f"  {name} = {space['default']!r}  ({space['rule']}; "
+                       f"sweeps try {space['choices']})")
+        typer.echo("")
+
+
+@app.command()
+def lookup(
+    op: str = typer.Option(..., help="decode or paged."),
+    dtype: str = typer.Option("bfloat16", help="Key/value dtype."),
+    q_heads: int = typer.Option(..., help="Query heads Hq."),
+    kv_heads: int = typer.Option(..., help="Key/value heads Hkv."),
+    head_dim: int = typer.Option(..., help="Head dim D."),
+    batch: int = typer.Option(1, help="decode: batch B."),
+    max_len: int = typer.Option(..., help="decode: cache length S; paged: longest context."),
+    tokens: int = typer.Option(1, help="paged: query tokens T."),
+    page_size: int = typer.Option(16, help="paged: page size."),
+    max_seqs: Optional[int] = typer.Option(None, help="paged: page-table rows (default: tokens)."),
+    features: str = typer.Option("", help="Comma list: sliding_window,logits_soft_cap,sinks."),
+    variant: Optional[str] = typer.Option(None, help="Restrict to this variant."),
+    device_kind: Optional[str] = typer.Option(None, help="Normalized device kind (default: this one)."),
+    platform: Optional[str] = typer.Option(None, help="cpu, gpu or tpu (default: this one)."),
+) -> None:
+    """Print the variant and config an operator call would use, and where it came from."""
+    import warnings
+
+    from attnbench.kernels import DecodeShape, PagedShape, choose
+    from attnbench.kernels.table import key_text
+
+    feature_set = _parse_features(features)
+    if op == "decode":
+        shape = DecodeShape(batch=batch, max_len=max_len, q_heads=q_heads, kv_heads=kv_heads,
+                            head_dim=head_dim, dtype=dtype, features=feature_set)
+    elif op == "paged":
+        pages_per_seq = -(-max_len // page_size)
+        seqs = max_seqs or tokens
+        shape = PagedShape(num_tokens=tokens, max_seqs=seqs, pages_per_seq=pages_per_seq,
+                           page_size=page_size, num_pages=seqs * pages_per_seq, q_heads=q_heads,
+                           kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                           features=feature_set)
+    else:
+        raise typer.BadParameter("must be decode or paged", param_hint="--op")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untuned case is reported below instead
+        choice = choose(shape, variant=variant, device_kind=device_kind, platform=platform)
+    typer.echo(f"key:     {key_text(choice.key)}")
+    typer.echo(f"variant: {choice.variant.name}")
+    typer.echo(f"config:  {json.dumps(choice.config.to_dict())}")
+    typer.echo(f"source:  {choice.source}")
+    if choice.entry is not None:
+        typer.echo(f"entry:   key {key_text(choice.entry.key)}; time {choice.entry.time_us} us; "
+                   f"from {json.dumps(choice.entry.source)}")
+
+
+@app.command()
+def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a sweep file (.yaml).")) -> None:
+    """Check a tuned table or sweep file against its schema; print each problem with its location."""
+    if not path.exists():
+        typer.echo(f"{path}: no such file", err=True)
+        raise typer.Exit(2)
+    if path.suffix in (".yaml", ".yml"):
+        from attnbench.tuner import sweep_file
+
+        problems = sweep_file.sweep_problems_in_file(path)
+    else:
+        from attnbench.kernels.table import table_problems
+
+        try:
+            problems = table_problems(json.loads(path.read_text()))
+        except json.JSONDecodeError as error:
+            problems = [f"(file): not valid JSON: {error}"]
+    for problem in problems:
+        typer.echo(f"{path}: {problem}")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{path}: ok")
+
+
+@app.command()
+def demo(
+    seed: int = typer.Option(0, help="Seed of the random inputs."),
+    dtype: str = typer.Option("bfloat16", help="Input dtype."),
+) -> None:
+    """Run both operators on a small realistic problem, check them against the reference."""
+    import jax
+
+    from attnbench import kernels
+    from attnbench.tuner.accuracy import compare
+    from attnbench.tuner.problems import DecodeProblem, PagedProblem
+
+    problems = [
+        ("decode_attention", kernels.decode_attention,
+         DecodeProblem(batch=4, max_len=1024, q_heads=8, kv_heads=2, head_dim=64, dtype=dtype)),
+        ("ragged_paged_attention", kernels.ragged_paged_attention,
+         PagedProblem(num_seqs=4, max_len=512, q_heads=8, kv_heads=2, head_dim=64, dtype=dtype,
+                      prefill_fraction=0.5, prefill_chunk=64)),
+    ]
+    for name, operator, problem in problems:
+        args, kwargs = problem.make_inputs(seed)
+        run = jax.jit(lambda *a, op=operator, kw=kwargs: op(*a, **kw))
+        reference = jax.jit(lambda *a, op=operator, kw=kwargs: op(*a, variant="reference", **kw))
+        out = jax.block_until_ready(run(*args))
+        began = time.perf_counter()
+        out = jax.block_until_ready(run(*args))
+        elapsed_us = (time.perf_counter() - began) * 1e6
+        accuracy = compare(out, reference(*args), dtype)
+        typer.echo(f"{name}: {problem}\n  output {out.shape} {out.dtype}, {elapsed_us:.0f} us, "
+                   f"relative error {accuracy.relative_error:.2e} "
+                   f"({'ok' if accuracy.ok else 'WRONG: ' + accuracy.reason})")
+        if not accuracy.ok:
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    _prefer_cpu_without_accelerator()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Which variant and config an operator call uses: the tuned-table lookup.
+
+Sources, first hit wins:
+  1. an explicit ``config=`` (applied to ``variant=`` or the platform's default variant);
+  2. the file or folder named by ``$ATTNBENCH_TUNED``;
+  3. the user's tuned folder (``$XDG_DATA_HOME/attnbench/tuned``, where ``attnbench sweep``
+     installs its winners);
+  4. the tables shipped with the package under ``results/tuned/``.
+Within a source, entries must match the key's discrete fields exactly; among those the
+nearest size bucket (log2 distance) wins, after its config is clamped to the actual shape
+and re-checked. No match: the variant's heuristic default, with one warning per key.
+
+This runs at trace time and is memoized, so a jitted call pays nothing per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .inputs import DecodeShape, PagedShape
+from .platform import current_device_kind, current_platform
+from .table import Entry, Table, TableError, key_distance, key_text, make_key, read_table
+from .tunables import KernelConfig
+from .variant import UnsupportedError, Variant
+
+TUNED_ENV = "ATTNBENCH_TUNED"
+
+
+def user_tuned_dir() -> Path:
+    """Where `attnbench sweep` installs tuned tables for this user."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "attnbench" / "tuned"
+
+
+def shipped_tuned_dir() -> Path:
+    """The tables that ship inside the package (results/tuned/)."""
+    return Path(__file__).resolve().parent.parent / "results" / "tuned"
+
+
+def table_sources() -> list[tuple[str, Path]]:
+    """The table sources in priority order, as (label, file or folder)."""
+    sources = []
+    if os.environ.get(TUNED_ENV):
+        sources.append((f"${TUNED_ENV}", Path(os.environ[TUNED_ENV])))
+    sources.append(("user tuned folder", user_tuned_dir()))
+    sources.append(("shipped tables", shipped_tuned_dir()))
+    return sources
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(path.glob("*.json"))
+    return [path] if path.is_file() else []
+
+
+def _fingerprint(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _load(fingerprint: tuple[str, int, int]) -> Table | None:
+    """Reads one table file; a bad file gives one warning (per version of it) and None."""
+    try:
+        return read_table(fingerprint[0])
+    except TableError as error:
+        warnings.warn(f"attnbench: skipping tuned table {error}", stacklevel=3)
+        return None
+
+
+def tables_in(path: Path) -> list[Table]:
+    """The usable tables in a file or folder (unreadable or wrong-schema ones skipped)."""
+    tables = []
+    for file in _files_of(path):
+        try:
+            table = _load(_fingerprint(file))
+        except OSError:
+            continue
+        if table is not None:
+            tables.append(table)
+    return tables
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What an operator call will run, and why."""
+
+    variant: Variant
+    config: KernelConfig
+    key: dict[str, Any]
+    source: str  # "explicit config", "<label>: <file> entries[i]", or "heuristic default"
+    entry: Entry | None = None
+
+
+def _config_from(variant: Variant, values: Mapping[str, Any], shape: Any) -> KernelConfig:
+    config = variant.config_class.from_mapping(values).clamp(shape)
+    reason = config.invalid_reason(shape)
+    if reason:
+        raise ValueError(f"config: {reason}")
+    return config
+
+
+def _candidates(table: Table, key: dict[str, Any], variant_name: str | None):
+    """Entries of `table` that match `key`, nearest bucket first (ties: fastest first)."""
+    ranked = []
+    for index, entry in enumerate(table.entries):
+        if variant_name is not None and entry.variant != variant_name:
+            continue
+        distance = key_distance(key, entry.key)
+        if distance is not None:
+            ranked.append((distance, entry.time_us if entry.time_us is not None else float("inf"),
+                           index, entry))
+    ranked.sort(key=lambda item: item[:3])
+    return [(index, entry) for _, _, index, entry in ranked]
+
+
+def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None:
+    for label, path in table_sources():
+        for table in tables_in(path):
+            for index, entry in _candidates(table, key, variant_name):
+                try:
+                    variant = registry.get_variant(shape.op, entry.variant)
+                except ValueError:
+                    continue  # a table from a newer attnbench, naming a variant we lack
+                if variant.unsupported_reason(shape, platform, interpret):
+                    continue
+                try:
+                    config = _config_from(variant, entry.config, shape)
+                except ValueError:
+                    continue
+                source = f"{label}: {table.path} entries[{index}]"
+                return Choice(variant, config, key, source, entry)
+    return None
+
+
+_warned_keys: set[str] = set()
+
+
+def _warn_untuned(key: dict[str, Any], variant: Variant) -> None:
+    text = key_text(key)
+    if text not in _warned_keys:
+        _warned_keys.add(text)
+        warnings.warn(
+            f"attnbench: no tuned config for {text}; using variant {variant.name!r} with its "
+            "heuristic default config (run `attnbench sweep` to tune this device)",
+            stacklevel=4,
+        )
+
+
+def _sources_signature() -> tuple:
+    signature = []
+    for label, path in table_sources():
+        try:
+            signature.append((label, tuple(_fingerprint(f) for f in _files_of(path))))
+        except OSError:
+            signature.append((label, ()))
+    return tuple(signature)
+
+
+def choose(
+    shape: DecodeShape | PagedShape,
+    *,
+    variant: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    interpret: bool = False,
+    device_kind: str | None = None,
+    platform: str | None = None,
+) -> Choice:
+    """The variant and config a call with this shape runs (see the module docstring)."""
+    frozen_config = None if config is None else tuple(sorted(dict(config).items()))
+    return _choose(shape, variant, frozen_config, interpret,
+                   device_kind or current_device_kind(), platform or current_platform(),
+                   _sources_signature())
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform, _signature):
+    key = make_key(shape, device_kind)
+    if variant_name is not None:
+        named = registry.get_variant(shape.op, variant_name)
+        reason = named.unsupported_reason(shape, platform, interpret)
+        if reason:
+            raise UnsupportedError(reason)
+    if frozen_config is not None:
+        chosen = named if variant_name is not None else registry.default_variant(shape.op, platform)
+        reason = chosen.unsupported_reason(shape, platform, interpret)
+        if reason:
+            raise UnsupportedError(reason)
+        return Choice(chosen, _config_from(chosen, dict(frozen_config), shape), key,
+                      "explicit config")
+    found = _from_tables(shape, key, variant_name, platform, interpret)
+    if found is not None:
+        return found
+    chosen = named if variant_name is not None else registry.default_variant(shape.op, platform)
+    reason = chosen.unsupported_reason(shape, platform, interpret)
+    if reason:
+        raise UnsupportedError(reason)
+    _warn_untuned(key, chosen)
+    return Choice(chosen, chosen.default_config(shape), key, "heuristic default")
+
+
+def clear_caches() -> None:
+    """Forgets memoized tables, choices and warnings (tests and long-lived tools use it)."""
+    _load.cache_clear()
+    _choose.cache_clear()
+    _warned_keys.clear()

@@ -1,0 +1,38 @@
+"""Which machine we are on: the platform family and the normalized device kind."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+
+
+def current_platform() -> str:
+    """'cpu', 'gpu' or 'tpu': the family of JAX's default backend."""
+    backend = jax.default_backend()
+    return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def normalize_device_kind(device_kind: str) -> str:
+    """A short stable name for a device kind, used in table keys and sweep file matching.
+
+    'NVIDIA H100 80GB HBM3' -> 'nvidia-h100', 'NVIDIA A100-SXM4-40GB' -> 'nvidia-a100',
+    'TPU v5 lite' -> 'tpu-v5e', 'TPU v6 lite' -> 'tpu-v6e', 'TPU v5p' -> 'tpu-v5p', 'cpu' -> 'cpu'.
+    """
+    kind = device_kind.strip().lower()
+    if kind in ("cpu", "") or "cpu" in kind:
+        return "cpu"
+    tpu = re.match(r"tpu\s*v(\d+)\s*(lite|e|p)?", kind)
+    if tpu:
+        generation, suffix = tpu.groups()
+        suffix = {"lite": "e", None: ""}.get(suffix, suffix)
+        return f"tpu-v{generation}{suffix}"
+    nvidia = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", kind.replace("nvidia", " "))
+    if "nvidia" in kind and nvidia:
+        return f"nvidia-{nvidia.group(1)}"
+    return re.sub(r"[^a-z0-9]+", "-", kind).strip("-")
+
+
+def current_device_kind() -> str:
+    """The normalized kind of JAX's first default device."""
+    return normalize_device_kind(jax.devices()[0].device_kind)

@@ -1,0 +1,45 @@
+"""Every kernel variant attnbench knows, in one list, and the default per platform.
+
+To add a variant: write its module (kernel, config dataclass, heuristic, ``VARIANT``),
+add it to ``VARIANTS`` below, and, if it should be the untuned choice somewhere, to
+``DEFAULT_VARIANT``. Variant modules import heavy toolchains (triton, torch) lazily, so
+importing this registry stays cheap on any install.
+"""
+
+from __future__ import annotations
+
+from . import reference
+from .variant import Variant
+
+VARIANTS: tuple[Variant, ...] = (
+    reference.DECODE_VARIANT,
+    reference.PAGED_VARIANT,
+)
+
+# The variant an operator uses when no tuned table entry matches, per (op, platform).
+DEFAULT_VARIANT: dict[tuple[str, str], str] = {
+    ("decode", "cpu"): "reference",
+    ("decode", "gpu"): "reference",
+    ("decode", "tpu"): "reference",
+    ("paged", "cpu"): "reference",
+    ("paged", "gpu"): "reference",
+    ("paged", "tpu"): "reference",
+}
+
+
+def variants(op: str | None = None) -> tuple[Variant, ...]:
+    """All registered variants, or those of one op ("decode" or "paged")."""
+    return tuple(v for v in VARIANTS if op is None or v.op == op)
+
+
+def get_variant(op: str, name: str) -> Variant:
+    """The variant `name` of `op`; a ValueError listing the known names otherwise."""
+    for candidate in VARIANTS:
+        if candidate.op == op and candidate.name == name:
+            return candidate
+    known = [v.name for v in variants(op)]
+    raise ValueError(f"variant: unknown {op} variant {name!r}; known: {known}")
+
+
+def default_variant(op: str, platform: str) -> Variant:
+    return get_variant(op, DEFAULT_VARIANT[(op, platform)])

@@ -1,0 +1,81 @@
+"""What a kernel variant is: the record each variant module exports as ``VARIANT``.
+
+The list of all variants is :mod:`attnbench.kernels.registry`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from .inputs import FEATURES, SUPPORTED_DTYPES
+from .tunables import KernelConfig
+
+OPS = ("decode", "paged")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+class UnsupportedError(ValueError):
+    """A variant was asked for something it cannot do (a feature, dtype or platform)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel implementation of one operator.
+
+    `kernel(args, config, interpret=...)` takes the normalized arguments of
+    :mod:`attnbench.kernels.inputs` (DecodeArgs or PagedArgs) and returns the output
+    ([B, Hq, D] or [T, Hq, D]) in any float dtype; the operator casts it to the query's.
+    """
+
+    name: str
+    op: str
+    platforms: tuple[str, ...]  # where it compiles natively
+    interpretable: bool  # whether `interpret=True` runs it on a CPU through an interpreter
+    features: frozenset[str]
+    config_class: type[KernelConfig]
+    kernel: Callable[..., jax.Array]
+    heuristic: Callable[[Any], KernelConfig]  # shape -> a good default config
+    description: str
+    dtypes: tuple[str, ...] = SUPPORTED_DTYPES
+
+    def __post_init__(self) -> None:
+        assert self.op in OPS, self.op
+        assert set(self.platforms) <= set(PLATFORMS), self.platforms
+        assert set(self.features) <= set(FEATURES), self.features
+
+    def unsupported_reason(self, shape: Any, platform: str, interpret: bool) -> str | None:
+        """Why this variant cannot run `shape` here, or None if it can."""
+        missing = sorted(shape.features - self.features)
+        if missing:
+            return f"variant {self.name!r} does not support {', '.join(missing)}"
+        if shape.dtype not in self.dtypes:
+            return f"variant {self.name!r} does not support dtype {shape.dtype}"
+        if interpret and not self.interpretable:
+            return f"variant {self.name!r} has no interpreter mode (interpret=True)"
+        if not interpret and platform not in self.platforms:
+            hint = " (pass interpret=True to run it in an interpreter)" if self.interpretable else ""
+            return (
+                f"variant {self.name!r} runs on {list(self.platforms)}, not on {platform}{hint}"
+            )
+        return None
+
+    def default_config(self, shape: Any) -> KernelConfig:
+        """The heuristic config for `shape`, clamped so it is valid for it."""
+        return self.heuristic(shape).clamp(shape)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description (used by `attnbench list --format json`)."""
+        return {
+            "name": self.name,
+            "op": self.op,
+            "platforms": list(self.platforms),
+            "interpretable": self.interpretable,
+            "features": sorted(self.features),
+            "dtypes": list(self.dtypes),
+            "config_space": self.config_class.space(),
+            "description": self.description,
+        }
