@@ -105,3 +105,35 @@ class NoConfig(KernelConfig):
     """The config of a variant with nothing to tune (the reference)."""
 
     EMPTY: ClassVar[bool] = True
+
+
+def grid_configs(config_class: type[KernelConfig], shape: Any,
+                 grid: dict[str, list] | None = None) -> list[KernelConfig]:
+    """Every valid config of the product of `grid` (default: each tunable's choices).
+
+    Tunables missing from `grid` keep their default. Combinations that break a field rule or
+    the config's `invalid_reason(shape)` are left out.
+    """
+    import itertools
+
+    space = config_class.space()
+    grid = {name: list(values) for name, values in (grid or {n: s["choices"] for n, s in space.items()}).items()}
+    names = list(grid)
+    configs = []
+    for values in itertools.product(*(grid[name] for name in names)):
+        try:
+            config = config_class(**dict(zip(names, values)))
+        except (ValueError, TypeError):
+            continue
+        if config.invalid_reason(shape) is None:
+            configs.append(config)
+    return configs
+
+
+def sample_configs(config_class: type[KernelConfig], shape: Any, count: int,
+                   seed: int) -> list[KernelConfig]:
+    """Up to `count` distinct valid configs drawn at random (seeded) from the choices grid."""
+    import random
+
+    configs = grid_configs(config_class, shape)
+    return random.Random(seed).sample(configs, min(count, len(configs)))

@@ -1,0 +1,35 @@
+"""Checking a variant against the reference, shared by the variant test modules."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from attnbench import kernels
+from attnbench.tuner.accuracy import compare
+
+OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
+
+
+def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret: bool = False,
+                    jit: bool = True):
+    """Runs `variant` (with `config`, or its heuristic default) on fresh inputs of `problem`
+    and returns (output, reference, Accuracy). Fails the test if the output is not right."""
+    args, kwargs = problem.make_inputs(seed)
+    operator = OPERATORS[problem.op]
+    config_dict = None if config is None else dict(config.to_dict() if hasattr(config, "to_dict") else config)
+
+    def call(*a):
+        return operator(*a, variant=variant, config=config_dict, interpret=interpret, **kwargs)
+
+    out = jax.block_until_ready((jax.jit(call) if jit else call)(*args))
+    reference = operator(*args, variant="reference", **kwargs)
+    accuracy = compare(out, reference, problem.dtype)
+    assert accuracy.ok, (
+        f"{problem.op}/{variant} config={config_dict} seed={seed} on {problem}: {accuracy.reason}")
+    assert out.dtype == args[0].dtype
+    if problem.op == "paged":
+        # Rows past query_start_loc[num_seqs] are padding and must be exactly zero.
+        real_rows = int(np.asarray(args[4])[int(np.asarray(args[5]))])
+        assert not np.any(np.asarray(out[real_rows:], np.float32)), "padding rows are not zero"
+    return out, reference, accuracy
