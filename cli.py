@@ -182,6 +182,40 @@ def demo(
             raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    problem: str = typer.Argument("decode", help="decode, paged (decode-only batch) or paged-mixed."),
+    variant: Optional[list[str]] = typer.Option(None, help="Only these variants (repeatable)."),
+    sample: int = typer.Option(0, help="Also time this many random valid configs per variant."),
+    repeats: int = typer.Option(10, help="Timed calls per config."),
+    seed: int = typer.Option(0, help="Seed of the inputs and of the config sample."),
+) -> None:
+    """Time each variant on the issue's problem; print median, memory floor and their ratio."""
+    from attnbench.tuner import roofline
+    from attnbench.tuner.bench import DEFAULT_PROBLEMS, run_bench
+
+    if problem not in DEFAULT_PROBLEMS:
+        raise typer.BadParameter(f"choose from {list(DEFAULT_PROBLEMS)}", param_hint="PROBLEM")
+    spec = DEFAULT_PROBLEMS[problem]
+    typer.echo(f"problem: {spec}")
+    typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
+    best = None
+    for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed):
+        if row.timing is None:
+            typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
+            continue
+        typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
+                   f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
+                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e}")
+        if best is None or row.timing.median_us < best.timing.median_us:
+            best = row
+    if best is None:
+        typer.echo("no variant ran correctly")
+        raise typer.Exit(1)
+    typer.echo(f"best: {best.variant} {json.dumps(best.config)}: {best.timing.median_us:.0f} us; "
+               f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x")
+
+
 def main() -> None:
     _prefer_cpu_without_accelerator()
     app()

@@ -1,0 +1,109 @@
+"""`attnbench bench`: time the variants of one operator on one problem against the floor.
+
+A quick, unpersisted look at how close each variant gets to the memory floor; the sweep
+(`attnbench sweep`) is the thorough, resumable version that writes tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import jax
+
+from attnbench import kernels
+from attnbench.kernels import registry
+from attnbench.kernels.platform import current_platform
+from attnbench.kernels.tunables import KernelConfig, sample_configs
+
+from . import roofline
+from .accuracy import compare
+from .problems import DecodeProblem, PagedProblem
+from .timing import Timing, time_call
+
+OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
+
+# The problems the speed targets of issues 3 and 4 are stated on.
+DEFAULT_PROBLEMS = {
+    "decode": DecodeProblem(batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                            dtype="bfloat16", lengths="uniform", min_len=100),
+    "paged": PagedProblem(num_seqs=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                          page_size=16, dtype="bfloat16", lengths="uniform", min_len=100),
+    "paged-mixed": PagedProblem(num_seqs=8, max_len=8192, q_heads=32, kv_heads=8,
+                                head_dim=128, page_size=16, dtype="bfloat16",
+                                lengths="uniform", min_len=600, prefill_fraction=0.25,
+                                prefill_chunk=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    variant: str
+    config: dict
+    timing: Timing | None
+    relative_error: float
+    status: str  # "ok", "wrong" or "error: ..."
+    floor_us: float
+
+    @property
+    def fraction_of_floor(self) -> float:
+        return self.timing.median_us / self.floor_us if self.timing else float("inf")
+
+
+def compile_call(op: str, variant: str, config: KernelConfig | None, args: tuple,
+                 kwargs: dict) -> Callable:
+    """The ahead-of-time compiled operator call for these inputs (compile time excluded later)."""
+    operator = OPERATORS[op]
+    config_dict = None if config is None else config.to_dict()
+
+    def call(*arrays):
+        return operator(*arrays, variant=variant, config=config_dict, **kwargs)
+
+    return jax.jit(call).lower(*args).compile()
+
+
+def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 0,
+              repeats: int = 10, seed: int = 0) -> Iterator[BenchRow]:
+    """Yields one row per (variant, config): heuristic default first, then `sample` random."""
+    op = problem.op
+    args, kwargs = problem.make_inputs(seed)
+    bandwidth = roofline.read_bandwidth()
+    floor = roofline.floor_us(roofline.bytes_moved(op, args, kwargs), bandwidth)
+    reference = compile_call(op, "reference", None, args, kwargs)(*args)
+    input_sets = [args]
+    if roofline.bytes_moved(op, args, kwargs) < 4 * roofline.last_level_cache_bytes():
+        input_sets += [problem.make_inputs(seed + i)[0] for i in (1, 2)]
+    platform = current_platform()
+    for variant in registry.variants(op):
+        if variant_names is not None and variant.name not in variant_names:
+            continue
+        if variant_names is None and (variant.name == "reference" or platform not in variant.platforms):
+            continue
+        _, shape = _shape_of(op, args, kwargs)
+        configs = [variant.default_config(shape)]
+        configs += [c for c in sample_configs(variant.config_class, shape, sample, seed)
+                    if c != configs[0]]
+        for config in configs:
+            try:
+                compiled = compile_call(op, variant.name, config, args, kwargs)
+                accuracy = compare(compiled(*args), reference, problem.dtype)
+            except Exception as error:  # noqa: BLE001 -- a failing config is a result
+                yield BenchRow(variant.name, config.to_dict(), None, float("inf"),
+                               f"error: {type(error).__name__}: {error}"[:200], floor)
+                continue
+            if not accuracy.ok:
+                yield BenchRow(variant.name, config.to_dict(), None, accuracy.relative_error,
+                               "wrong", floor)
+                continue
+            timing = time_call(compiled, input_sets, repeats=repeats)
+            yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
+                           "ok", floor)
+
+
+def _shape_of(op: str, args: tuple, kwargs: dict):
+    from attnbench.kernels import inputs
+
+    if op == "decode":
+        prepared, shape, _ = inputs.prepare_decode(*args, **kwargs)
+        return prepared, shape
+    return inputs.prepare_paged(*args, **kwargs)
