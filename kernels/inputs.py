@@ -214,16 +214,16 @@ def prepare_decode(
             f"key and value must share a dtype, got key {_dtype_name(key)} "
             f"and value {_dtype_name(value)}"
         )
-    if tuple(value.shape) != tuple(key.shape):
-        raise ValueError(
-            f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
-        )
     batch, q_heads, head_dim = query.shape
     kv_batch, max_len, kv_heads, kv_dim = key.shape
     if kv_batch != batch:
         raise ValueError(f"key must have batch {batch} (from query), got {kv_batch}")
     if kv_dim != head_dim:
         raise ValueError(f"key must have head dim D = {head_dim} (from query), got {kv_dim}")
+    if tuple(value.shape) != tuple(key.shape):
+        raise ValueError(
+            f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
+        )
     _check_heads(q_heads, kv_heads, "query", "key")
     _check_int("sequence_start", sequence_start, (batch,), "int32 [B]")
     _check_int("sequence_end", sequence_end, (batch,), "int32 [B]")

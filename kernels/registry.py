@@ -9,11 +9,15 @@ importing this registry stays cheap on any install.
 from __future__ import annotations
 
 from . import reference
+from .decode import xla_blocked as decode_xla_blocked
+from .decode import pallas_tpu as decode_pallas_tpu
 from .variant import Variant
 
 VARIANTS: tuple[Variant, ...] = (
     reference.DECODE_VARIANT,
     reference.PAGED_VARIANT,
+    decode_xla_blocked.VARIANT,
+    decode_pallas_tpu.VARIANT,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).

@@ -1,0 +1,348 @@
+"""decode_attention as a Pallas TPU (Mosaic) kernel: flash decoding over KV blocks.
+
+Grid: (batch, kv head, query-head block, KV block). Each step multiplies a block of query
+heads of one KV head ([heads_per_block, D]) with one KV block ([kv_block_size, D]) and
+updates an online softmax kept in VMEM scratch; the last KV block writes the output.
+
+Ragged skipping: the valid key range of each row, [lo, hi) = [max(start, end - 1 - window),
+end), is scalar-prefetched into SMEM. Blocks outside it skip their compute (`pl.when`), and
+their index_map is clamped into the range so the pipeline sees an unchanged block index and
+issues no DMA for them.
+
+Layout: key/value [B, S, Hkv, D] are viewed as [B, S, Hkv * D] (a free reshape), so a block
+is [kv_block_size, D] at lane-block `h` with no copy; that needs D % 128 == 0 (or Hkv == 1).
+Other head dims take a transposed copy [B, Hkv, S, D] (one extra pass over the cache).
+
+This module also holds the Mosaic rules shared with the paged TPU kernel (tiles, VMEM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..inputs import DecodeArgs, DecodeShape
+from ..tunables import KernelConfig, POSITIVE_INT, tunable
+from ..variant import Variant
+
+# ---- Mosaic rules shared by the TPU variants ------------------------------------------------
+
+LANES = 128
+MiB = 1024 * 1024
+
+# The scoped VMEM a kernel may use without raising `vmem_limit_bytes`: the compiler's default
+# per generation (physical VMEM is 128 MiB on v5e/v6e, but only this much is granted by
+# default). Off a TPU the target is unknown, so the smallest of these is assumed.
+SCOPED_VMEM_BYTES = {
+    "tpu-v4": 16 * MiB,
+    "tpu-v5e": 16 * MiB,
+    "tpu-v5p": 16 * MiB,
+    "tpu-v6e": 32 * MiB,
+}
+# Headroom for what the estimate below leaves out (Mosaic's internal scratch, spills).
+VMEM_SAFETY_FRACTION = 0.75
+
+
+def sublane_tile(dtype: str) -> int:
+    """Rows of one (sublanes x 128 lanes) VMEM tile: 8 for 32-bit, 16 for 16-bit types."""
+    return 8 if jnp.dtype(dtype).itemsize >= 4 else 16
+
+
+def padded_tile_bytes(rows: int, cols: int, dtype: str) -> int:
+    """VMEM bytes of a [rows, cols] block once padded to whole tiles."""
+    tile = sublane_tile(dtype)
+    return (-(-rows // tile) * tile) * (-(-cols // LANES) * LANES) * jnp.dtype(dtype).itemsize
+
+
+def vmem_budget_bytes() -> int:
+    """The VMEM a config may plan for on this target (see SCOPED_VMEM_BYTES)."""
+    from ..platform import current_device_kind, current_platform
+
+    budget = min(SCOPED_VMEM_BYTES.values())
+    if current_platform() == "tpu":
+        budget = SCOPED_VMEM_BYTES.get(current_device_kind(), budget)
+    return int(budget * VMEM_SAFETY_FRACTION)
+
+
+def kernel_dtype(query_dtype, kv_dtype) -> jnp.dtype:
+    """The dtype queries enter a kernel in: the KV dtype when they match, else float32.
+
+    Matching 16-bit inputs keep the MXU's native bf16 path; a mixed pair is promoted so no
+    precision is lost (float32 tiles are never taller than 16-bit ones, so the tile rules
+    derived from the KV dtype stay sufficient).
+    """
+    return jnp.dtype(kv_dtype) if jnp.dtype(query_dtype) == jnp.dtype(kv_dtype) else jnp.dtype(jnp.float32)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """What a block is multiplied in: bf16 and f32 natively; f16 (no TPU matmul) as f32."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def interpret_params(interpret: bool):
+    """What `interpret=` gives pallas_call: TPU interpret mode on CPU, or compile for TPU.
+
+    Reads past a buffer's logical end raise, so a missing index clamp fails loudly, and
+    scratch/VMEM starts as NaN, so a value read before it is written poisons the output.
+    """
+    if not interpret:
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
+
+
+def online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref) -> None:
+    """Folds one block into the running (max, denominator, numerator) in VMEM scratch.
+
+    scores f32 [R, N]; valid bool [R, N]; values [N, D] (any float dtype); m/l f32 [R, 1];
+    acc f32 [R, D]. A row with nothing valid so far keeps m = -inf, l = 0, acc = 0.
+    """
+    masked = jnp.where(valid, scores, -jnp.inf)
+    m_prev = m_ref[...]
+    m_next = jnp.maximum(m_prev, jnp.max(masked, axis=1, keepdims=True))
+    # Shift by 0, not -inf, while a row has seen no valid key: exp(-inf - -inf) is NaN.
+    shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    weights = jnp.exp(masked - shift)
+    rescale = jnp.exp(m_prev - shift)
+    l_ref[...] = rescale * l_ref[...] + jnp.sum(weights, axis=1, keepdims=True)
+    value_dtype = compute_dtype(values.dtype)
+    update = jax.lax.dot_general(
+        weights.astype(value_dtype), values.astype(value_dtype), (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    acc_ref[...] = rescale * acc_ref[...] + update
+    m_ref[...] = m_next
+
+
+def finish_softmax(m_ref, l_ref, acc_ref, sinks):
+    """acc / denominator with the sink joining the denominator; rows with none give zeros.
+
+    sinks: f32 [R, 1] or None. Returns f32 [R, D].
+    """
+    m = m_ref[...]
+    l = l_ref[...]
+    acc = acc_ref[...]
+    if sinks is not None:
+        m_all = jnp.maximum(m, sinks)
+        rescale = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - m_all))
+        l = rescale * l + jnp.exp(sinks - m_all)
+        acc = rescale * acc
+    safe = jnp.where(l > 0, l, 1.0)
+    return jnp.where(l > 0, acc / safe, 0.0)
+
+
+def scores_of(query, keys, softmax_scale: float, soft_cap: float | None):
+    """softmax_scale * query @ keys^T in f32, soft-capped. query [R, D], keys [N, D]."""
+    dtype = compute_dtype(keys.dtype)
+    if query.dtype != keys.dtype or dtype != keys.dtype:
+        dtype = jnp.float32
+    scores = jax.lax.dot_general(
+        query.astype(dtype), keys.astype(dtype), (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32) * softmax_scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    return scores
+
+
+# ---- Config -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuDecodeConfig(KernelConfig):
+    """Block sizes of the TPU decode kernel."""
+
+    kv_block_size: int = tunable(
+        512, (128, 256, 512, 1024, 2048), POSITIVE_INT,
+        "cache positions per grid step (rows of the K/V block; a multiple of the sublane tile)")
+    heads_per_block: int = tunable(
+        8, (1, 2, 4, 8, 16, 32), POSITIVE_INT,
+        "query heads of one KV head per grid step (divides Hq / Hkv; the whole group or a "
+        "multiple of the sublane tile)")
+
+    def invalid_reason(self, shape: DecodeShape) -> str | None:
+        tile = sublane_tile(shape.dtype)
+        group = shape.group_size
+        if self.kv_block_size % tile and self.kv_block_size != shape.max_len:
+            return (f"kv_block_size {self.kv_block_size} must be a multiple of the {tile}-row "
+                    f"sublane tile of {shape.dtype} (or the whole cache, {shape.max_len})")
+        if group % self.heads_per_block:
+            return (f"heads_per_block {self.heads_per_block} must divide the query heads per "
+                    f"KV head ({group})")
+        if self.heads_per_block != group and self.heads_per_block % tile:
+            return (f"heads_per_block {self.heads_per_block} must be the whole group ({group}) "
+                    f"or a multiple of the {tile}-row sublane tile of {shape.dtype}")
+        need, budget = decode_vmem_bytes(self, shape), vmem_budget_bytes()
+        if need > budget:
+            return (f"needs ~{need / MiB:.1f} MiB of VMEM, more than the {budget / MiB:.1f} MiB "
+                    "budget of this target")
+        return None
+
+    def clamp(self, shape: DecodeShape) -> PallasTpuDecodeConfig:
+        tile = sublane_tile(shape.dtype)
+        whole_cache = -(-shape.max_len // tile) * tile
+        heads = self.heads_per_block
+        if heads > shape.group_size:
+            heads = shape.group_size
+        return self.replace(kv_block_size=min(self.kv_block_size, whole_cache),
+                            heads_per_block=heads)
+
+
+def decode_vmem_bytes(config: PallasTpuDecodeConfig, shape: DecodeShape) -> int:
+    """VMEM estimate: double-buffered q/K/V/out blocks, scratch and the logits temporaries."""
+    heads, kv_rows, dim = config.heads_per_block, config.kv_block_size, shape.head_dim
+    blocks = (padded_tile_bytes(heads, dim, "float32")  # query (at most f32)
+              + 2 * padded_tile_bytes(kv_rows, dim, shape.dtype)  # key, value
+              + padded_tile_bytes(heads, dim, "float32")  # output
+              + padded_tile_bytes(heads, 1, "float32"))  # sinks
+    scratch = (padded_tile_bytes(heads, dim, "float32")
+               + 2 * padded_tile_bytes(heads, 1, "float32"))
+    temporaries = 3 * padded_tile_bytes(heads, kv_rows, "float32")  # scores, weights, mask
+    if compute_dtype(shape.dtype) != jnp.dtype(shape.dtype):
+        temporaries += 2 * padded_tile_bytes(kv_rows, dim, "float32")  # upcast K and V
+    return 2 * blocks + scratch + temporaries
+
+
+def heuristic(shape: DecodeShape) -> PallasTpuDecodeConfig:
+    """Whole query group per step; KV blocks of 512 rows (1024 for short head dims)."""
+    kv_rows = 1024 if shape.head_dim <= 64 else 512
+    config = PallasTpuDecodeConfig(kv_block_size=kv_rows, heads_per_block=shape.group_size)
+    config = config.clamp(shape)
+    while config.invalid_reason(shape) and config.kv_block_size > 128:
+        config = config.replace(kv_block_size=config.kv_block_size // 2)
+    return config
+
+
+# ---- Kernel -----------------------------------------------------------------------------------
+
+
+def _decode_kernel(lo_ref, hi_ref, query_ref, key_ref, value_ref, *rest, kv_block_size: int,
+                   softmax_scale: float, soft_cap: float | None, has_sinks: bool,
+                   mask_past_cache: bool):
+    if has_sinks:
+        sinks_ref, _poisoned, out_ref, m_ref, l_ref, acc_ref = rest
+    else:
+        sinks_ref = None
+        _poisoned, out_ref, m_ref, l_ref, acc_ref = rest
+    from jax.experimental import pallas as pl
+
+    batch, kv_block = pl.program_id(0), pl.program_id(3)
+    lo, hi = lo_ref[batch], hi_ref[batch]
+    block_start = kv_block * kv_block_size
+
+    @pl.when(kv_block == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((block_start < hi) & (block_start + kv_block_size > lo))
+    def _accumulate():
+        scores = scores_of(query_ref[...], key_ref[...], softmax_scale, soft_cap)
+        position = block_start + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+        valid = (position >= lo) & (position < hi)
+        values = value_ref[...]
+        if mask_past_cache:
+            # The last block runs past S; its tail is padding that may hold NaN, and
+            # 0 * NaN would leak into P @ V.
+            rows = block_start + jax.lax.broadcasted_iota(jnp.int32, (values.shape[0], 1), 0)
+            values = jnp.where(rows < hi, values, jnp.zeros_like(values))
+        online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref)
+
+    @pl.when(kv_block == pl.num_programs(3) - 1)
+    def _finish():
+        sinks = None if sinks_ref is None else sinks_ref[...]
+        out_ref[...] = finish_softmax(m_ref, l_ref, acc_ref, sinks).astype(out_ref.dtype)
+
+
+def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
+                      interpret: bool = False) -> jax.Array:
+    """decode_attention on TPU (or in TPU interpret mode). Returns f32 [B, Hq, D]."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    batch, q_heads, head_dim = args.query.shape
+    _, max_len, kv_heads, _ = args.key.shape
+    group = q_heads // kv_heads
+    heads, kv_rows = config.heads_per_block, config.kv_block_size
+    num_kv_blocks = -(-max_len // kv_rows)
+
+    hi = jnp.clip(args.sequence_end, 0, max_len)
+    lo = jnp.clip(args.sequence_start, 0, hi)
+    if args.window_left is not None:
+        lo = jnp.maximum(lo, hi - 1 - args.window_left)
+
+    def kv_block_of(b, kv_block, lo_ref, hi_ref):
+        # Blocks outside [lo, hi) map to the nearest needed one: same index, no new DMA.
+        first = lo_ref[b] // kv_rows
+        last = jnp.maximum(hi_ref[b] - 1, lo_ref[b]) // kv_rows
+        return jnp.clip(kv_block, first, jnp.minimum(last, num_kv_blocks - 1))
+
+    if head_dim % LANES == 0 or kv_heads == 1:
+        key = args.key.reshape(batch, max_len, kv_heads * head_dim)
+        value = args.value.reshape(batch, max_len, kv_heads * head_dim)
+        kv_spec = pl.BlockSpec(
+            (None, kv_rows, head_dim),
+            lambda b, h, hb, kb, lo_ref, hi_ref: (b, kv_block_of(b, kb, lo_ref, hi_ref), h))
+    else:
+        key = jnp.transpose(args.key, (0, 2, 1, 3))
+        value = jnp.transpose(args.value, (0, 2, 1, 3))
+        kv_spec = pl.BlockSpec(
+            (None, None, kv_rows, head_dim),
+            lambda b, h, hb, kb, lo_ref, hi_ref: (b, h, kv_block_of(b, kb, lo_ref, hi_ref), 0))
+
+    query = args.query.astype(kernel_dtype(args.query.dtype, args.key.dtype))
+    query = query.reshape(batch, kv_heads, group, head_dim)
+    head_spec = pl.BlockSpec((None, None, heads, head_dim),
+                             lambda b, h, hb, kb, lo_ref, hi_ref: (b, h, hb, 0))
+    operands = [query, key, value]
+    in_specs = [head_spec, kv_spec, kv_spec]
+    if args.sinks is not None:
+        operands.append(args.sinks.reshape(kv_heads, group, 1))
+        in_specs.append(pl.BlockSpec((None, heads, 1),
+                                     lambda b, h, hb, kb, lo_ref, hi_ref: (h, hb, 0)))
+    # NaN-filled output buffer: any element the kernel fails to write stays NaN.
+    operands.append(jnp.full((batch, kv_heads, group, head_dim), jnp.nan, jnp.float32))
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+
+    kernel = functools.partial(
+        _decode_kernel, kv_block_size=kv_rows, softmax_scale=args.softmax_scale,
+        soft_cap=args.logits_soft_cap, has_sinks=args.sinks is not None,
+        mask_past_cache=max_len % kv_rows != 0)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(batch, kv_heads, group // heads, num_kv_blocks),
+        in_specs=in_specs,
+        out_specs=head_spec,
+        scratch_shapes=[pltpu.VMEM((heads, 1), jnp.float32),
+                        pltpu.VMEM((heads, 1), jnp.float32),
+                        pltpu.VMEM((heads, head_dim), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), jnp.float32),
+        # Operand indices count the two scalar-prefetch arrays first.
+        input_output_aliases={2 + len(operands) - 1: 0},
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret_params(interpret),
+        name="attnbench_decode_pallas_tpu",
+    )(lo, hi, *operands)
+    return out.reshape(batch, q_heads, head_dim)
+
+
+VARIANT = Variant(
+    name="pallas_tpu",
+    op="decode",
+    platforms=("tpu",),
+    interpretable=True,
+    features=frozenset({"sliding_window", "logits_soft_cap", "sinks"}),
+    config_class=PallasTpuDecodeConfig,
+    kernel=pallas_tpu_decode,
+    heuristic=heuristic,
+    description="Pallas TPU (Mosaic) flash decoding: KV blocks x query-head blocks, "
+                "blocks outside [start, end) and the window skipped",
+)

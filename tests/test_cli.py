@@ -1,0 +1,85 @@
+"""The foundation's commands: list, lookup, validate, demo."""
+
+import json
+
+from typer.testing import CliRunner
+
+from attnbench.cli import app
+from attnbench.kernels import lookup, registry
+from attnbench.kernels.inputs import DecodeShape
+from attnbench.kernels.table import SCHEMA_VERSION, make_key
+
+runner = CliRunner()
+
+
+def test_list_json_describes_every_variant():
+    result = runner.invoke(app, ["list", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert {(v["op"], v["name"]) for v in listed} == {(v.op, v.name) for v in registry.VARIANTS}
+    for item in listed:
+        assert set(item) >= {"name", "op", "platforms", "interpretable", "features",
+                             "config_space"}
+        for space in item["config_space"].values():
+            assert set(space) >= {"default", "choices", "rule"}
+
+
+def test_list_text_shows_ops_and_platforms():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    assert "decode/reference" in result.output and "paged/reference" in result.output
+    assert "platforms: cpu, gpu, tpu" in result.output
+
+
+def test_lookup_reports_the_table_entry():
+    shape = DecodeShape(batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                        dtype="bfloat16")
+    table = lookup.user_tuned_dir() / "cpu.json"
+    table.parent.mkdir(parents=True)
+    table.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "meta": {}, "entries": [
+        {"op": "decode", "variant": "reference", "key": make_key(shape, "cpu"), "config": {},
+         "time_us": 12.5, "source": {"run_id": "run-42"}}]}))
+    result = runner.invoke(app, ["lookup", "--op", "decode", "--q-heads", "32", "--kv-heads", "8",
+                                 "--head-dim", "128", "--batch", "6", "--max-len", "8000",
+                                 "--device-kind", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "variant: reference" in result.output
+    assert f"{table} entries[0]" in result.output and "run-42" in result.output
+
+
+def test_lookup_paged_without_table_uses_the_heuristic():
+    result = runner.invoke(app, ["lookup", "--op", "paged", "--q-heads", "8", "--kv-heads", "2",
+                                 "--head-dim", "64", "--tokens", "40", "--max-len", "2048",
+                                 "--page-size", "16", "--features", "sinks"])
+    assert result.exit_code == 0, result.output
+    assert "source:  heuristic default" in result.output
+    assert "page_size=16 features=sinks tokens=64 max_len=2048" in result.output
+
+
+def test_lookup_rejects_unknown_feature():
+    result = runner.invoke(app, ["lookup", "--op", "decode", "--q-heads", "8", "--kv-heads", "2",
+                                 "--head-dim", "64", "--max-len", "64", "--features", "alibi"])
+    assert result.exit_code != 0 and "alibi" in result.output
+
+
+def test_validate_table_reports_located_problems(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "meta": {}, "entries": [
+        {"op": "decode", "variant": "x", "config": {}, "key": {
+            "op": "decode", "device_kind": "cpu", "dtype": "float64", "q_heads": 8,
+            "kv_heads": 2, "head_dim": 64, "page_size": None, "features": [],
+            "batch": 6, "max_len": 64}}]}))
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert "entries[0].key.dtype: must be one of" in result.output
+    assert "entries[0].key.batch: must be a power of two, got 6" in result.output
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "meta": {}, "entries": []}))
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0 and "ok" in result.output
+
+
+def test_demo_runs_both_operators_correctly():
+    result = runner.invoke(app, ["demo", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("(ok)") == 2
