@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 
 import jax
 
+# Set while lowering for another platform than the local one (e.g. exporting a call for
+# CUDA on a CPU-only host), so that variant choice and table keys follow the target.
+_target: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "attnbench_target", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str, device_kind: str):
+    """Within this block, operators choose variants as if running on `platform`
+    ('cpu', 'gpu' or 'tpu') with the normalized `device_kind` (e.g. 'nvidia-h100')."""
+    token = _target.set((platform, device_kind))
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
 
 def current_platform() -> str:
-    """'cpu', 'gpu' or 'tpu': the family of JAX's default backend."""
+    """'cpu', 'gpu' or 'tpu': the family of JAX's default backend (or of `lowering_for`)."""
+    if _target.get() is not None:
+        return _target.get()[0]
     backend = jax.default_backend()
     return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 
@@ -34,5 +54,7 @@ def normalize_device_kind(device_kind: str) -> str:
 
 
 def current_device_kind() -> str:
-    """The normalized kind of JAX's first default device."""
+    """The normalized kind of JAX's first default device (or of `lowering_for`)."""
+    if _target.get() is not None:
+        return _target.get()[1]
     return normalize_device_kind(jax.devices()[0].device_kind)
