@@ -133,6 +133,8 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
         from attnbench.tuner import sweep_file
 
         problems = sweep_file.sweep_problems_in_file(path)
+        for warning in [] if problems else sweep_file.sweep_warnings_in_file(path):
+            typer.echo(f"{path}: warning: {warning}")
     else:
         from attnbench.kernels.table import table_problems
 
@@ -214,6 +216,123 @@ def bench(
         raise typer.Exit(1)
     typer.echo(f"best: {best.variant} {json.dumps(best.config)}: {best.timing.median_us:.0f} us; "
                f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x")
+
+
+def _parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise typer.BadParameter("must be I/N, e.g. 0/4", param_hint="--shard") from None
+    if count < 1 or not 0 <= index < count:
+        raise typer.BadParameter(f"need 0 <= I < N, got {shard}", param_hint="--shard")
+    return index, count
+
+
+@app.command()
+def sweep(
+    sweep_file: Optional[Path] = typer.Argument(
+        None, help="A sweep file (.yaml). Default: the shipped one for this device."),
+    quick: bool = typer.Option(False, "--quick", help="Run the tiny sweep (sweeps/quick.yaml)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default results/runs/<time>-<device>)."),
+    resume: Optional[Path] = typer.Option(None, help="Finish the interrupted run in this folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print problems and configs after pruning; run nothing."),
+    shard: str = typer.Option("0/1", help="Run share I of N (problem i goes to shard i % N)."),
+    install: bool = typer.Option(True, "--install/--no-install",
+                                 help="Install the winners into the user's tuned table."),
+    check_only: bool = typer.Option(False, "--check-only",
+                                    help="Only compile the sweep's GPU configs for the CUDA "
+                                         "targets of its devices (attnbench check); run nothing."),
+) -> None:
+    """Tune this device: run a sweep file, record every measurement, install the winners."""
+    from attnbench.tuner import runner, sweep_file as sweep_files
+
+    try:
+        if resume is not None:
+            if sweep_file is not None or quick:
+                raise typer.BadParameter("--resume takes no sweep file and no --quick")
+            runner.resume_sweep(resume, install_winners=install, echo=typer.echo)
+            return
+        if quick:
+            path = sweep_files.quick_sweep_path()
+        elif sweep_file is not None:
+            path = sweep_file
+        else:
+            environment = runner.probe_environment(measure_bandwidth=False)
+            path = sweep_files.sweep_for_device(environment["device_kind"],
+                                                environment["device_kind_raw"])
+            typer.echo(f"device {environment['device_kind']}: using {path}")
+        if dry_run:
+            runner.dry_run(path, shard=_parse_shard(shard), echo=typer.echo)
+            return
+        if check_only:
+            from attnbench.tuner import static_check
+
+            targets = static_check.targets_of_sweep(sweep_files.load_sweep(path))
+            if not targets:
+                typer.echo(f"{path} names no device with a known CUDA target", err=True)
+                raise typer.Exit(1)
+            csv_path = out or Path("results") / "checks" / (
+                f"{Path(path).stem}-{'-'.join(t.name for t in targets)}.csv")
+            static_check.run_check(Path(path), targets, csv_path, shard=_parse_shard(shard),
+                                   echo=typer.echo)
+            return
+        runner.start_sweep(path, out=out, shard=_parse_shard(shard), install_winners=install,
+                           echo=typer.echo)
+    except (sweep_files.SweepFileError, runner.SweepError, FileNotFoundError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def check(
+    sweep_file: Optional[Path] = typer.Argument(
+        None, help="A sweep file (.yaml). Default: the shipped sweep of each target's GPU."),
+    target: list[str] = typer.Option(["cuda:sm_90"], help="CUDA target, e.g. cuda:sm_90 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="CSV of the results (default results/checks/<sweep>-<targets>.csv)."),
+    shard: str = typer.Option("0/1", help="Check share I of N of the sweep's problems."),
+    limit: Optional[int] = typer.Option(None, help="Check at most this many configs per variant."),
+) -> None:
+    """Compile every GPU config a sweep would run for real CUDA targets (no GPU needed);
+    report shared memory, registers and spills, and which configs cannot launch."""
+    from attnbench.tuner import cuda_check, static_check, sweep_file as sweep_files
+
+    try:
+        targets = [cuda_check.parse_target(t) for t in target]
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--target") from None
+    runs = []
+    if sweep_file is not None:
+        runs.append((sweep_file, targets))
+    else:
+        for each in targets:
+            runs.append((sweep_files.sweeps_dir() / f"{each.device_kind}.yaml", [each]))
+    try:
+        for path, path_targets in runs:
+            csv_path = out or Path("results") / "checks" / (
+                f"{path.stem}-{'-'.join(t.name for t in path_targets)}.csv")
+            static_check.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
+                                   limit=limit, echo=typer.echo)
+    except (sweep_files.SweepFileError, FileNotFoundError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def merge(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders of one sweep (e.g. its shards)."),
+    out: Optional[Path] = typer.Option(None, help="The merged run folder."),
+    install: bool = typer.Option(True, "--install/--no-install",
+                                 help="Install the merged winners into the user's tuned table."),
+) -> None:
+    """Join the runs of one sweep file (e.g. --shard runs) into one run folder and table."""
+    from attnbench.tuner import runner
+    from attnbench.tuner.sweep_file import SweepFileError
+
+    try:
+        runner.merge_runs(run_dirs, out=out, install_winners=install, echo=typer.echo)
+    except (SweepFileError, runner.SweepError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

@@ -87,7 +87,8 @@ def paged_token_positions(args: PagedArgs) -> tuple[jax.Array, jax.Array, jax.Ar
     # Row t belongs to the first active sequence whose query range ends after t.
     ends_at_or_before = (starts[None, 1:] <= t[:, None]) & active[None, :]
     seq = jnp.sum(ends_at_or_before, axis=1)
-    is_real = (seq < num_seqs) & (t < starts[num_seqs])
+    # Rows before query_start_loc[0] belong to no sequence, like those past the last one.
+    is_real = (seq < num_seqs) & (t < starts[num_seqs]) & (t >= starts[0])
     seq = jnp.minimum(seq, max_seqs - 1)
     q_len = starts[seq + 1] - starts[seq]
     context = jnp.clip(args.context_lens[seq], 0, args.page_table.shape[1] * args.kv_pages.shape[1])

@@ -10,22 +10,34 @@ from __future__ import annotations
 
 from . import reference
 from .decode import xla_blocked as decode_xla_blocked
+from .decode import xla_dense as decode_xla_dense
 from .decode import pallas_tpu as decode_pallas_tpu
+from .decode import triton_splitkv as decode_triton_splitkv
+from .paged import pallas_tpu as paged_pallas_tpu
+from .paged import triton_paged as paged_triton
+from .paged import xla_blocked as paged_xla_blocked
+from .paged import xla_decode as paged_xla_decode
 from .variant import Variant
 
 VARIANTS: tuple[Variant, ...] = (
     reference.DECODE_VARIANT,
     reference.PAGED_VARIANT,
     decode_xla_blocked.VARIANT,
+    decode_xla_dense.VARIANT,
     decode_pallas_tpu.VARIANT,
+    decode_triton_splitkv.VARIANT,
+    paged_pallas_tpu.VARIANT,
+    paged_triton.VARIANT,
+    paged_xla_blocked.VARIANT,
+    paged_xla_decode.VARIANT,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).
 DEFAULT_VARIANT: dict[tuple[str, str], str] = {
-    ("decode", "cpu"): "reference",
+    ("decode", "cpu"): "xla_blocked",
     ("decode", "gpu"): "reference",
     ("decode", "tpu"): "reference",
-    ("paged", "cpu"): "reference",
+    ("paged", "cpu"): "xla_decode",
     ("paged", "gpu"): "reference",
     ("paged", "tpu"): "reference",
 }

@@ -74,3 +74,54 @@ def test_a_config_the_launch_code_refuses_is_a_compile_error_not_an_exception():
     result = cuda_check.check_config(DECODE, variant.name, config,
                                      cuda_check.parse_target("sm_90"))
     assert result.status == "compile_error" and "shared memory" in result.reason
+
+
+def test_check_a_slice_of_the_shipped_gpu_sweeps(tmp_path):
+    """CI's guard: the first configs of every GPU variant in the shipped H100 and A100 sweeps
+    compile for sm_90 and sm_80, and the CSV says so."""
+    import csv
+
+    from attnbench.tuner import static_check
+    from attnbench.tuner.sweep_file import sweeps_dir
+
+    for sweep, target in (("nvidia-h100.yaml", "sm_90"), ("nvidia-a100.yaml", "sm_80")):
+        out = tmp_path / f"{target}.csv"
+        lines = []
+        rows = static_check.run_check(sweeps_dir() / sweep, [cuda_check.parse_target(target)],
+                                      out, limit=1, echo=lines.append)
+        checked = {row["variant"] for row in rows}
+        assert checked == {v.name for v in cuda_check.gpu_kernel_variants()}
+        assert all(row["status"] == "ok" for row in rows), [r["reason"] for r in rows]
+        with open(out, newline="") as file:
+            written = list(csv.DictReader(file))
+        assert len(written) == len(rows) and all(int(r["registers_per_thread"]) > 0 for r in written)
+        assert "compile errors" in lines[-1]
+
+
+def test_refused_configs_become_skipped_static(tmp_path):
+    from attnbench.tuner import runner, static_check
+    from attnbench.tuner.sweep_file import load_sweep, sweeps_dir
+
+    spec = load_sweep(sweeps_dir() / "nvidia-h100.yaml")
+    item, candidate = static_check.checked_candidates(spec, (0, 1))[0]
+    csv_path = tmp_path / "check.csv"
+    csv_path.write_text(
+        ",".join(static_check.CSV_COLUMNS) + "\n"
+        + f'{space_id(item)},x,{candidate.variant.name},"{quoted(candidate.config)}",sm_90,'
+          'unlaunchable,too much shared memory,k,1x1x1,4,2,999999,64,0\n')
+    plans = runner.plan(spec, (0, 1), "gpu")
+    assert static_check.prune(plans, static_check.read_verdicts(csv_path)) == 1
+    pruned = [c for p in plans for c in p.candidates if c.skip_status == "skipped_static"]
+    assert len(pruned) == 1 and "too much shared memory" in pruned[0].skip_reason
+
+
+def space_id(item):
+    from attnbench.tuner import space
+
+    return space.problem_id(item.problem)
+
+
+def quoted(config):
+    from attnbench.tuner import space
+
+    return space.canonical(config).replace('"', '""')

@@ -18,7 +18,7 @@ from attnbench.kernels.tunables import KernelConfig, sample_configs
 
 from . import roofline
 from .accuracy import compare
-from .problems import DecodeProblem, PagedProblem
+from .problems import DecodeProblem, PagedProblem, rotated_input_sets
 from .timing import Timing, time_call
 
 OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
@@ -72,7 +72,9 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     reference = compile_call(op, "reference", None, args, kwargs)(*args)
     input_sets = [args]
     if roofline.bytes_moved(op, args, kwargs) < 4 * roofline.last_level_cache_bytes():
-        input_sets += [problem.make_inputs(seed + i)[0] for i in (1, 2)]
+        # Same shapes as `args` (another seed's paged inputs have another page count, which
+        # the compiled call would refuse).
+        input_sets = rotated_input_sets(args, seed, 3)
     platform = current_platform()
     for variant in registry.variants(op):
         if variant_names is not None and variant.name not in variant_names:

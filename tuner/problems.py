@@ -13,6 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from attnbench.kernels.inputs import DecodeShape, PagedShape
+
 LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "long_tail")
 
 
@@ -90,6 +92,13 @@ class DecodeProblem:
                                  self.logits_soft_cap, self.sinks)
         return args, kwargs
 
+    def shape(self, seed: int = 0) -> DecodeShape:
+        """The shape descriptor of `make_inputs(seed)` (the same for every seed)."""
+        del seed
+        return DecodeShape(batch=self.batch, max_len=self.max_len, q_heads=self.q_heads,
+                           kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype,
+                           features=_features_of(self))
+
 
 @dataclasses.dataclass(frozen=True)
 class PagedProblem:
@@ -138,12 +147,34 @@ class PagedProblem:
     def make_inputs(self, seed: int) -> tuple[tuple, dict[str, Any]]:
         """(positional args, keyword args) for ragged_paged_attention, drawn from `seed`."""
         rng = np.random.default_rng(seed)
+        context_lens, page_table, query_start_loc, num_pages = self._layout(rng)
+        args = (
+            _normal(rng, (self.num_tokens, self.q_heads, self.head_dim), self.dtype),
+            _normal(rng, (num_pages, self.page_size, 2 * self.kv_heads, self.head_dim), self.dtype),
+            jnp.asarray(context_lens),
+            jnp.asarray(page_table),
+            jnp.asarray(query_start_loc),
+            jnp.asarray(self.num_seqs, jnp.int32),
+        )
+        kwargs = _feature_kwargs(rng, self.q_heads, self.sliding_window,
+                                 self.logits_soft_cap, self.sinks)
+        return args, kwargs
+
+    def shape(self, seed: int = 0) -> PagedShape:
+        """The shape descriptor of `make_inputs(seed)` (num_pages depends on the seed)."""
+        *_, num_pages = self._layout(np.random.default_rng(seed))
+        return PagedShape(num_tokens=self.num_tokens, max_seqs=self.max_seqs,
+                          pages_per_seq=self.pages_per_seq, page_size=self.page_size,
+                          num_pages=num_pages, q_heads=self.q_heads, kv_heads=self.kv_heads,
+                          head_dim=self.head_dim, dtype=self.dtype, features=_features_of(self))
+
+    def _layout(self, rng: np.random.Generator):
+        """Lengths and page table: (context_lens, page_table, query_start_loc, num_pages)."""
         contexts = draw_lengths(rng, self.num_seqs, max(self.min_len, 1), self.max_len,
                                 self.lengths)
         is_prefill = np.zeros(self.num_seqs, bool)
         is_prefill[rng.permutation(self.num_seqs)[: self.num_prefill]] = True
         q_lens = np.where(is_prefill, np.minimum(self.prefill_chunk, contexts), 1).astype(np.int32)
-        num_tokens = self.num_tokens
         used_pages = -(-contexts // self.page_size)
         # A few spare pages that no sequence owns, so an off-by-one page index reads junk.
         num_pages = int(used_pages.sum()) + 4
@@ -158,14 +189,65 @@ class PagedProblem:
         query_start_loc = np.zeros(self.max_seqs + 1, np.int32)
         query_start_loc[1: self.num_seqs + 1] = np.cumsum(q_lens)
         query_start_loc[self.num_seqs + 1:] = query_start_loc[self.num_seqs]
-        args = (
-            _normal(rng, (num_tokens, self.q_heads, self.head_dim), self.dtype),
-            _normal(rng, (num_pages, self.page_size, 2 * self.kv_heads, self.head_dim), self.dtype),
-            jnp.asarray(context_lens),
-            jnp.asarray(page_table),
-            jnp.asarray(query_start_loc),
-            jnp.asarray(self.num_seqs, jnp.int32),
-        )
-        kwargs = _feature_kwargs(rng, self.q_heads, self.sliding_window,
-                                 self.logits_soft_cap, self.sinks)
-        return args, kwargs
+        return context_lens, page_table, query_start_loc, num_pages
+
+
+def _features_of(problem: DecodeProblem | PagedProblem) -> frozenset[str]:
+    used = set()
+    if problem.sliding_window is not None:
+        used.add("sliding_window")
+    if problem.logits_soft_cap is not None:
+        used.add("logits_soft_cap")
+    if problem.sinks:
+        used.add("sinks")
+    return frozenset(used)
+
+
+def rotated_input_sets(args: tuple, seed: int, count: int) -> list[tuple]:
+    """`count` positional-argument tuples of identical shapes for timing with rotation.
+
+    The first is `args` (from `make_inputs(seed)`); the others keep its lengths and page
+    table (so one compiled call runs them all) and draw fresh query and cache values, so a
+    problem that fits in cache is not timed on the same hot buffers every call.
+    """
+    sets = [tuple(args)]
+    for index in range(1, count):
+        rng = np.random.default_rng([seed, index])
+        sets.append(tuple(
+            _normal(rng, tuple(a.shape), jnp.dtype(a.dtype).name)
+            if jnp.issubdtype(a.dtype, jnp.floating) else a
+            for a in args
+        ))
+    return sets
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """The attention geometry of a real model (one layer type), for sweep files."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    sinks: bool = False
+    note: str = ""
+
+
+# Heads and features from the models' published configs. Models that alternate global and
+# local layers get one preset per layer type.
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "llama-3-8b": ModelPreset(32, 8, 128, note="GQA 4"),
+    "llama-3-70b": ModelPreset(64, 8, 128, note="GQA 8"),
+    "qwen-2.5-7b": ModelPreset(28, 4, 128, note="GQA 7 (a group that is not a power of two)"),
+    "mistral-7b": ModelPreset(32, 8, 128, sliding_window=4096, note="sliding window 4096"),
+    "gemma-2-9b": ModelPreset(16, 8, 256, logits_soft_cap=50.0,
+                              note="global layers: logit soft cap 50, D=256"),
+    "gemma-2-9b-local": ModelPreset(16, 8, 256, sliding_window=4096, logits_soft_cap=50.0,
+                                    note="local layers: window 4096 and soft cap 50"),
+    "gpt-oss-20b": ModelPreset(64, 8, 64, sliding_window=128, sinks=True,
+                               note="banded layers: sinks and window 128"),
+    "gpt-oss-20b-full": ModelPreset(64, 8, 64, sinks=True, note="full layers: sinks"),
+    "starcoder-15b": ModelPreset(48, 1, 128, note="MQA (one KV head)"),
+    "gemma-2b": ModelPreset(8, 1, 256, note="MQA, D=256"),
+}

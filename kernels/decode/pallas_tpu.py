@@ -46,9 +46,20 @@ SCOPED_VMEM_BYTES = {
 VMEM_SAFETY_FRACTION = 0.75
 
 
-def sublane_tile(dtype: str) -> int:
-    """Rows of one (sublanes x 128 lanes) VMEM tile: 8 for 32-bit, 16 for 16-bit types."""
-    return 8 if jnp.dtype(dtype).itemsize >= 4 else 16
+def block_dtype(dtype) -> jnp.dtype:
+    """The dtype K/V blocks have inside a kernel: float16 is widened to float32 first.
+
+    Mosaic cannot load float16 vectors on v5e or v6e (compiling for them with libtpu fails
+    with "Invalid vector type for load ... xf16"), so float16 caches are converted by XLA
+    before the call: correct, but an extra pass over the cache.
+    """
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def sublane_tile(dtype) -> int:
+    """Rows of one (sublanes x 128 lanes) VMEM tile of `dtype`'s blocks: 8 for 32-bit, 16 for
+    bfloat16 (float16 blocks are float32, see block_dtype)."""
+    return 8 if block_dtype(dtype).itemsize >= 4 else 16
 
 
 def padded_tile_bytes(rows: int, cols: int, dtype: str) -> int:
@@ -67,19 +78,15 @@ def vmem_budget_bytes() -> int:
     return int(budget * VMEM_SAFETY_FRACTION)
 
 
-def kernel_dtype(query_dtype, kv_dtype) -> jnp.dtype:
-    """The dtype queries enter a kernel in: the KV dtype when they match, else float32.
+def query_block_dtype(query_dtype, kv_dtype) -> jnp.dtype:
+    """The dtype queries enter a kernel in: that of the K/V blocks when they match, else f32.
 
-    Matching 16-bit inputs keep the MXU's native bf16 path; a mixed pair is promoted so no
-    precision is lost (float32 tiles are never taller than 16-bit ones, so the tile rules
-    derived from the KV dtype stay sufficient).
+    Matching bfloat16 keeps the MXU's native path; a mixed pair is promoted so no precision
+    is lost (float32 tiles are never taller than 16-bit ones, so the tile rules derived from
+    the K/V blocks stay sufficient).
     """
-    return jnp.dtype(kv_dtype) if jnp.dtype(query_dtype) == jnp.dtype(kv_dtype) else jnp.dtype(jnp.float32)
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """What a block is multiplied in: bf16 and f32 natively; f16 (no TPU matmul) as f32."""
-    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+    kv_block = block_dtype(kv_dtype)
+    return kv_block if jnp.dtype(query_dtype) == kv_block else jnp.dtype(jnp.float32)
 
 
 def interpret_params(interpret: bool):
@@ -109,9 +116,9 @@ def online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref) -> None:
     weights = jnp.exp(masked - shift)
     rescale = jnp.exp(m_prev - shift)
     l_ref[...] = rescale * l_ref[...] + jnp.sum(weights, axis=1, keepdims=True)
-    value_dtype = compute_dtype(values.dtype)
+    # P is rounded to the value dtype (bf16 stays on the MXU's native path).
     update = jax.lax.dot_general(
-        weights.astype(value_dtype), values.astype(value_dtype), (((1,), (0,)), ((), ())),
+        weights.astype(values.dtype), values, (((1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
     acc_ref[...] = rescale * acc_ref[...] + update
     m_ref[...] = m_next
@@ -136,11 +143,10 @@ def finish_softmax(m_ref, l_ref, acc_ref, sinks):
 
 def scores_of(query, keys, softmax_scale: float, soft_cap: float | None):
     """softmax_scale * query @ keys^T in f32, soft-capped. query [R, D], keys [N, D]."""
-    dtype = compute_dtype(keys.dtype)
-    if query.dtype != keys.dtype or dtype != keys.dtype:
-        dtype = jnp.float32
+    if query.dtype != keys.dtype:
+        query, keys = query.astype(jnp.float32), keys.astype(jnp.float32)
     scores = jax.lax.dot_general(
-        query.astype(dtype), keys.astype(dtype), (((1,), (1,)), ((), ())),
+        query, keys, (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32) * softmax_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -194,14 +200,12 @@ def decode_vmem_bytes(config: PallasTpuDecodeConfig, shape: DecodeShape) -> int:
     """VMEM estimate: double-buffered q/K/V/out blocks, scratch and the logits temporaries."""
     heads, kv_rows, dim = config.heads_per_block, config.kv_block_size, shape.head_dim
     blocks = (padded_tile_bytes(heads, dim, "float32")  # query (at most f32)
-              + 2 * padded_tile_bytes(kv_rows, dim, shape.dtype)  # key, value
+              + 2 * padded_tile_bytes(kv_rows, dim, block_dtype(shape.dtype))  # key, value
               + padded_tile_bytes(heads, dim, "float32")  # output
               + padded_tile_bytes(heads, 1, "float32"))  # sinks
     scratch = (padded_tile_bytes(heads, dim, "float32")
                + 2 * padded_tile_bytes(heads, 1, "float32"))
     temporaries = 3 * padded_tile_bytes(heads, kv_rows, "float32")  # scores, weights, mask
-    if compute_dtype(shape.dtype) != jnp.dtype(shape.dtype):
-        temporaries += 2 * padded_tile_bytes(kv_rows, dim, "float32")  # upcast K and V
     return 2 * blocks + scratch + temporaries
 
 
@@ -280,20 +284,22 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
         last = jnp.maximum(hi_ref[b] - 1, lo_ref[b]) // kv_rows
         return jnp.clip(kv_block, first, jnp.minimum(last, num_kv_blocks - 1))
 
+    key = args.key.astype(block_dtype(args.key.dtype))
+    value = args.value.astype(block_dtype(args.value.dtype))
     if head_dim % LANES == 0 or kv_heads == 1:
-        key = args.key.reshape(batch, max_len, kv_heads * head_dim)
-        value = args.value.reshape(batch, max_len, kv_heads * head_dim)
+        key = key.reshape(batch, max_len, kv_heads * head_dim)
+        value = value.reshape(batch, max_len, kv_heads * head_dim)
         kv_spec = pl.BlockSpec(
             (None, kv_rows, head_dim),
             lambda b, h, hb, kb, lo_ref, hi_ref: (b, kv_block_of(b, kb, lo_ref, hi_ref), h))
     else:
-        key = jnp.transpose(args.key, (0, 2, 1, 3))
-        value = jnp.transpose(args.value, (0, 2, 1, 3))
+        key = jnp.transpose(key, (0, 2, 1, 3))
+        value = jnp.transpose(value, (0, 2, 1, 3))
         kv_spec = pl.BlockSpec(
             (None, None, kv_rows, head_dim),
             lambda b, h, hb, kb, lo_ref, hi_ref: (b, h, kv_block_of(b, kb, lo_ref, hi_ref), 0))
 
-    query = args.query.astype(kernel_dtype(args.query.dtype, args.key.dtype))
+    query = args.query.astype(query_block_dtype(args.query.dtype, args.key.dtype))
     query = query.reshape(batch, kv_heads, group, head_dim)
     head_spec = pl.BlockSpec((None, None, heads, head_dim),
                              lambda b, h, hb, kb, lo_ref, hi_ref: (b, h, hb, 0))

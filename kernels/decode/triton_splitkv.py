@@ -11,13 +11,15 @@ The same launch code (:func:`_run_two_stages`: grids, strides, constexprs) drive
 jax-triton on a GPU or, with ``interpret=True``, Triton's interpreter on torch CPU tensors
 inside a ``jax.pure_callback``; only the two-line ``launch`` functions differ.
 
-triton, jax_triton and torch are imported inside functions: this module imports without them.
+Configs are checked against the GPU's limits (shared memory, registers, tl.dot's minimum of
+16 per block dimension); head dims up to 512 (256 in float32) fit, larger ones have no valid
+config and the kernel says so. triton, jax_triton and torch are imported inside functions:
+this module imports without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +34,9 @@ from ..variant import Variant
 # Shared memory a config may plan on. 99 KiB is the most an sm_86/sm_89 block may opt into
 # (A100: 163 KiB, H100: 227 KiB); keeping under it lets one config run on any of them.
 SHARED_MEMORY_BUDGET_BYTES = 99 * 1024
-# 32-bit registers per thread the kernel's two big tiles (accumulator and logits) may take;
-# 255 is the hardware cap and the rest of the kernel needs room, past this ptxas spills.
+# Registers per thread stage 1's tiles may take by `tile_registers_per_thread`'s estimate.
+# Checked against `ptxas -v` (Triton 3.9, sm_90) on 50 configs: none at or under this
+# spilled; ptxas needs about twice the estimate plus ~40 (255 is the hardware cap).
 TILE_REGISTERS_PER_THREAD = 128
 THREADS_PER_WARP = 32
 # tl.dot needs every block dimension to be at least 16.
@@ -70,18 +73,29 @@ class TritonSplitKVConfig(KernelConfig):
         2, (1, 2, 3, 4), one_of(1, 2, 3, 4, 5), "software pipeline depth of the KV loop")
 
     def shared_memory_bytes(self, shape: DecodeShape) -> int:
-        """Estimated shared memory of stage 1: K and V tiles per pipeline stage, plus Q and
-        the softmax weights, which pass through shared memory as dot operands."""
+        """Estimated shared memory of stage 1, an upper bound of what Triton 3.9 allocates for
+        sm_90 (checked against triton.compile on 50 configs): num_stages - 1 buffered K and V
+        tiles (one tile unpipelined), Q and the softmax weights as dot operands, and f32
+        scratch for the accumulator's layout conversions."""
         itemsize = jnp.dtype(shape.dtype).itemsize
         head_dim = padded_head_dim(shape.head_dim)
-        kv_tiles = 2 * self.kv_block_size * head_dim * itemsize * self.num_stages
-        operands = (self.block_q_heads * head_dim + self.block_q_heads * self.kv_block_size) * itemsize
-        return kv_tiles + operands
+        kv_tiles = 2 * max(self.num_stages - 1, 1) * self.kv_block_size * head_dim
+        operands = self.block_q_heads * (head_dim + self.kv_block_size)
+        scratch = 4 * self.block_q_heads * head_dim
+        return (kv_tiles + operands) * itemsize + scratch
 
     def tile_registers_per_thread(self, shape: DecodeShape) -> int:
-        """f32 registers per thread held by the accumulator and the logits tile."""
-        elements = self.block_q_heads * (padded_head_dim(shape.head_dim) + self.kv_block_size)
-        return -(-elements // (self.num_warps * THREADS_PER_WARP))
+        """Estimated 32-bit registers per thread held by stage 1's tiles: the f32 accumulator
+        and logits; the K and V tiles when they pass through registers (no cp.async pipeline
+        at num_stages = 1, or float32, whose dots run on FMAs); Q too for float32."""
+        itemsize = jnp.dtype(shape.dtype).itemsize
+        head_dim = padded_head_dim(shape.head_dim)
+        words = self.block_q_heads * (head_dim + self.kv_block_size)
+        if self.num_stages == 1 or itemsize == 4:
+            words += 2 * self.kv_block_size * head_dim * itemsize // 4
+        if itemsize == 4:
+            words += self.block_q_heads * head_dim
+        return -(-words // (self.num_warps * THREADS_PER_WARP))
 
     def invalid_reason(self, shape: DecodeShape) -> str | None:
         group_rows = max(MIN_DOT_SIZE, next_power_of_two(shape.group_size))
@@ -123,12 +137,17 @@ class TritonSplitKVConfig(KernelConfig):
 
 def heuristic(shape: DecodeShape) -> TritonSplitKVConfig:
     """A reasonable untuned config: the whole GQA group in one dot, enough programs to fill
-    a large GPU (~132 SMs, two programs each), smaller tiles where D or the dtype is large."""
+    a large GPU (~132 SMs, two programs each), smaller tiles where D or the dtype is large.
+    Checked with ptxas (sm_90, sm_86) for bfloat16 D = 128, float16 D = 256, float32 D = 80:
+    no spills."""
     block_q_heads = min(64, max(MIN_DOT_SIZE, next_power_of_two(shape.group_size)))
     head_blocks = -(-shape.group_size // block_q_heads)
     programs_per_split = shape.batch * shape.kv_heads * head_blocks
     num_kv_splits = min(16, next_power_of_two(max(1, 264 // max(1, programs_per_split))))
-    kv_block_size = 64 if padded_head_dim(shape.head_dim) <= 128 else 32
+    if jnp.dtype(shape.dtype).itemsize == 4:
+        kv_block_size = 16  # float32 dots run on FMAs with operands in registers: keep tiles small
+    else:
+        kv_block_size = 64 if padded_head_dim(shape.head_dim) <= 128 else 32
     config = TritonSplitKVConfig(kv_block_size=kv_block_size, block_q_heads=block_q_heads,
                                  num_kv_splits=num_kv_splits, num_warps=4, num_stages=2)
     return fit_resources(config.clamp(shape), shape)
@@ -283,13 +302,15 @@ def _interpreter_launch(kernel, grid, inputs, out_shapes, constants, num_warps, 
 
 
 def _interpreted(plan: LaunchPlan, args: DecodeArgs, query, sinks) -> jax.Array:
-    from .triton_splitkv_kernels import compiled_kernels
+    from .triton_splitkv_kernels import compiled_kernels, interpreter_scope
 
     kernels = compiled_kernels(interpret=True)
 
     def on_host(*arrays):
-        tensors = [_to_torch(np.asarray(a)) for a in arrays]
-        out = _run_two_stages(_interpreter_launch, plan, kernels, *tensors)
+        # Copies: torch wants writable buffers and the callback's arrays may be read-only.
+        tensors = [_to_torch(np.array(a)) for a in arrays]
+        with interpreter_scope():
+            out = _run_two_stages(_interpreter_launch, plan, kernels, *tensors)
         return _to_numpy(out)
 
     shape, dtype = plan.out_shape

@@ -17,44 +17,48 @@ import jax.numpy as jnp
 
 from ..inputs import DecodeArgs, DecodeShape
 from ..reference import soft_cap
-from ..tunables import POSITIVE_INT, POWER_OF_TWO, KernelConfig, one_of, tunable
+from ..tunables import BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 
-SCORE_LAYOUTS = ("head_major", "sequence_major")
-DOT_PRECISIONS = ("preferred_f32", "upcast_f32")
+CONTRACTIONS = ("fused_reduce", "head_major_dot", "block_diagonal_dot")
 
 
 @dataclasses.dataclass(frozen=True)
 class XlaBlockedConfig(KernelConfig):
     kv_block_size: int = tunable(
-        256, (64, 128, 256, 512, 1024), POWER_OF_TWO,
+        512, (64, 128, 256, 512, 1024, 2048), POWER_OF_TWO,
         "cache positions per KV block (the unit of skipping and of partial softmax)")
     blocks_per_step: int = tunable(
-        8, (2, 4, 8, 16, 32), POSITIVE_INT,
-        "KV blocks (of any rows) gathered and computed together in one loop step")
-    score_layout: str = tunable(
-        "head_major", SCORE_LAYOUTS, one_of(*SCORE_LAYOUTS),
-        "head_major: move the KV-head axis ahead of positions in each gathered block before "
-        "the dots; sequence_major: contract the blocks as the cache lays them out")
-    dot_precision: str = tunable(
-        "preferred_f32", DOT_PRECISIONS, one_of(*DOT_PRECISIONS),
-        "preferred_f32: dot the cache dtype with float32 accumulation; upcast_f32: convert "
-        "the block to float32 first")
+        2, (1, 2, 4, 8), POSITIVE_INT,
+        "KV blocks (of any rows) computed in one loop step; more amortizes the per-step cost")
+    contraction: str = tunable(
+        "fused_reduce", CONTRACTIONS, one_of(*CONTRACTIONS),
+        "how q.k and p.v are written: fused_reduce multiplies and reduces over the cache "
+        "layout as is; head_major_dot copies each block head-major and uses batched dots; "
+        "block_diagonal_dot uses one dot over all heads (Hkv times the flops, no copy)")
+    num_kv_splits: int = tunable(
+        2, (1, 2, 4), POSITIVE_INT,
+        "independent parts of the work list, each its own loop with its own partials, "
+        "merged at the end (parallel work for XLA's runtime)")
+    slice_as_bits: bool = tunable(
+        True, (True, False), BOOL,
+        "slice blocks out of the cache as same-width unsigned ints, so XLA's CPU backend "
+        "copies them as 16-bit words instead of widening bfloat16/float16 to float32 first")
 
     def invalid_reason(self, shape: DecodeShape) -> str | None:
         if self.kv_block_size > _ceil_pow2(shape.max_len):
             return (f"kv_block_size {self.kv_block_size} exceeds the cache length "
                     f"S = {shape.max_len} rounded up to a power of two")
-        if self.blocks_per_step > shape.batch * -(-shape.max_len // self.kv_block_size):
-            return (f"blocks_per_step {self.blocks_per_step} exceeds the number of blocks in "
-                    f"the cache ({shape.batch} rows x {-(-shape.max_len // self.kv_block_size)})")
+        blocks = shape.batch * -(-shape.max_len // self.kv_block_size)
+        if self.blocks_per_step > blocks:
+            return (f"blocks_per_step {self.blocks_per_step} exceeds the {blocks} KV blocks "
+                    f"of the cache")
         return None
 
     def clamp(self, shape: DecodeShape) -> XlaBlockedConfig:
         block = min(self.kv_block_size, _ceil_pow2(shape.max_len))
-        total_blocks = shape.batch * -(-shape.max_len // block)
-        return self.replace(kv_block_size=block,
-                            blocks_per_step=min(self.blocks_per_step, total_blocks))
+        blocks = shape.batch * -(-shape.max_len // block)
+        return self.replace(kv_block_size=block, blocks_per_step=min(self.blocks_per_step, blocks))
 
 
 def _ceil_pow2(n: int) -> int:
@@ -62,48 +66,71 @@ def _ceil_pow2(n: int) -> int:
 
 
 def heuristic(shape: DecodeShape) -> XlaBlockedConfig:
-    """Measured best on a 2-core CPU for B=8, S=8192, Hq=32, Hkv=8, D=128 bf16."""
+    """Measured best on a 2-core CPU for B=8, S=8192, Hq=32, Hkv=8, D=128 bfloat16."""
     return XlaBlockedConfig().clamp(shape)
 
 
-def _block_partials(query, key_blocks, value_blocks, positions, valid, args, config):
-    """One step's partial softmax over `W` gathered blocks.
+def _scores(query, keys, contraction):
+    """q.k of one block, f32: [N, Hkv, G] ([Hkv, G, N] for head_major_dot).
 
-    query [W, Hkv, G, D]; key_blocks, value_blocks [W, N, Hkv, D] (cache dtype);
-    positions, valid [W, N]. Returns max, sum [W, Hkv, G] and unnormalized out [W, Hkv, G, D],
-    all float32; a block with no valid key has max -inf, sum 0 and out 0.
+    query [Hkv, G, D] (float32, or the cache dtype for head_major_dot); keys [N, Hkv, D]
+    ([Hkv, N, D] for head_major_dot).
     """
-    del positions
-    if config.dot_precision == "upcast_f32":
-        key_blocks = key_blocks.astype(jnp.float32)
-        value_blocks = value_blocks.astype(jnp.float32)
-        query = query.astype(jnp.float32)
-    else:
-        query = query.astype(key_blocks.dtype)
-    if config.score_layout == "head_major":
-        keys = jnp.swapaxes(key_blocks, 1, 2)  # [W, Hkv, N, D]
-        values = jnp.swapaxes(value_blocks, 1, 2)
-        scores = jnp.einsum("whgd,whnd->whgn", query, keys,
-                            preferred_element_type=jnp.float32)
-    else:
-        scores = jnp.einsum("whgd,wnhd->whgn", query, key_blocks,
-                            preferred_element_type=jnp.float32)
-    scores = soft_cap(scores * args.softmax_scale, args.logits_soft_cap)
-    mask = valid[:, None, None, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    block_max = jnp.max(scores, axis=-1)
+    if contraction == "fused_reduce":
+        return jnp.sum(keys[:, :, None, :].astype(jnp.float32) * query[None], axis=-1)
+    if contraction == "head_major_dot":
+        return jnp.einsum("hgd,hnd->hgn", query, keys, preferred_element_type=jnp.float32)
+    kv_heads = keys.shape[1]
+    # Query laid out block-diagonally over (head, dim) so one plain dot covers all heads.
+    eye = jnp.eye(kv_heads, dtype=jnp.float32)
+    diagonal = query[:, :, None, :] * eye[:, None, :, None]  # [Hkv, G, Hkv', D]
+    diagonal = diagonal.reshape(-1, kv_heads * keys.shape[2])
+    flat = keys.reshape(keys.shape[0], -1).astype(jnp.float32)
+    return jnp.einsum("nk,mk->nm", flat, diagonal).reshape(keys.shape[0], kv_heads, -1)
+
+
+def _weighted_values(weights, values, contraction):
+    """p.v of one block -> f32 [Hkv, G, D]. weights f32 and values laid out as in _scores."""
+    if contraction == "fused_reduce":
+        return jnp.sum(weights[..., None] * values[:, :, None, :].astype(jnp.float32), axis=0)
+    if contraction == "head_major_dot":
+        # The weights are rounded to the cache dtype so the dot runs natively in it.
+        return jnp.einsum("hgn,hnd->hgd", weights.astype(values.dtype), values,
+                          preferred_element_type=jnp.float32)
+    count, kv_heads, head_dim = values.shape
+    flat = values.reshape(count, -1).astype(jnp.float32)
+    every_pair = jnp.einsum("nm,nk->mk", weights.reshape(count, -1), flat)  # [(h,g), (h',d)]
+    every_pair = every_pair.reshape(kv_heads, -1, kv_heads, head_dim)
+    return jnp.einsum("hgjd,hj->hgd", every_pair, jnp.eye(kv_heads, dtype=jnp.float32))
+
+
+def _slice_block(cache, row, start, block, config):
+    """cache[row, start:start + block]: [N, Hkv, D], or [Hkv, N, D] for head_major_dot."""
+    dtype = cache.dtype
+    if config.slice_as_bits and dtype.itemsize == 2:
+        cache = jax.lax.bitcast_convert_type(cache, jnp.uint16)
+    sliced = jax.lax.dynamic_slice(cache, (row, start, 0, 0), (1, block) + cache.shape[2:])[0]
+    if config.contraction == "head_major_dot":
+        sliced = jnp.swapaxes(sliced, 0, 1)
+    return jax.lax.bitcast_convert_type(sliced, dtype) if sliced.dtype != dtype else sliced
+
+
+def _block_partial(query, keys, values, valid, args, contraction):
+    """Partial softmax of one block: (max, sum) f32 [Hkv, G] and unnormalized out [Hkv, G, D].
+
+    query [Hkv, G, D]; keys, values as from _slice_block; valid bool [N]. A block without
+    a valid key gives max -inf, sum 0, out 0.
+    """
+    head_major = contraction == "head_major_dot"
+    axis = -1 if head_major else 0  # the position axis of the scores
+    scores = _scores(query, keys, contraction) * args.softmax_scale
+    scores = soft_cap(scores, args.logits_soft_cap)
+    scores = jnp.where(valid if head_major else valid[:, None, None], scores, -jnp.inf)
+    block_max = jnp.max(scores, axis=axis)
     # Not -inf: a block with no valid key would give exp(-inf - -inf) = NaN.
     shift = jnp.where(jnp.isfinite(block_max), block_max, 0.0)
-    weights = jnp.exp(scores - shift[..., None])
-    block_sum = jnp.sum(weights, axis=-1)
-    weights = weights.astype(value_blocks.dtype)
-    if config.score_layout == "head_major":
-        out = jnp.einsum("whgn,whnd->whgd", weights, values,
-                         preferred_element_type=jnp.float32)
-    else:
-        out = jnp.einsum("whgn,wnhd->whgd", weights, value_blocks,
-                         preferred_element_type=jnp.float32)
-    return block_max, block_sum, out
+    weights = jnp.exp(scores - jnp.expand_dims(shift, axis))
+    return block_max, jnp.sum(weights, axis=axis), _weighted_values(weights, values, contraction)
 
 
 def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
@@ -117,6 +144,10 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
     blocks_per_row = -(-max_len // block)
     width = config.blocks_per_step
     query = args.query.reshape(batch, kv_heads, group, head_dim)
+    native_dot = config.contraction == "head_major_dot" and query.dtype == args.key.dtype
+    # The head-major dots run in the cache dtype (float32 accumulation) when the query
+    # shares it, so no float32 copy of the block is made; otherwise everything is float32.
+    block_query = query if native_dot else query.astype(jnp.float32)
 
     end = jnp.clip(args.sequence_end, 0, max_len)
     low = jnp.clip(args.sequence_start, 0, max_len)
@@ -124,61 +155,77 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
         low = jnp.maximum(low, end - 1 - args.window_left)
     first_block = low // block
     block_count = jnp.where(end > low, -(-end // block) - first_block, 0)
-    row_offset = jnp.cumsum(block_count) - block_count  # where each row's items begin
-    total = jnp.sum(block_count)
+    row_end = jnp.cumsum(block_count)  # the work items of row b are [row_end - count, row_end)
+    total = row_end[-1]
     capacity = batch * blocks_per_row
 
-    def locate(item):
-        """(row, block index, slot in the partial buffers, is real) of work item `item`."""
-        row = jnp.clip(jnp.searchsorted(row_offset + block_count, item, side="right"),
-                       0, batch - 1)
-        within = item - row_offset[row]
-        real = item < total
-        block_index = jnp.clip(first_block[row] + within, 0, blocks_per_row - 1)
-        slot = jnp.where(real, row * blocks_per_row + within, capacity)  # spare slot
-        return row, block_index, slot, real
-
-    def gather_blocks(cache, row, slice_start):
-        take = lambda r, s: jax.lax.dynamic_slice(
-            cache, (r, s, 0, 0), (1, block, kv_heads, head_dim))[0]
-        return jax.vmap(take)(row, slice_start)
-
-    def step(carry):
-        t, maxes, sums, outs = carry
-        items = t * width + jnp.arange(width)
-        row, block_index, slot, real = locate(items)
-        block_start = block_index * block
+    def item_partial(item, limit, key, value):
+        """The partial of work item `item` (real if below `limit`) and its slot."""
+        row = jnp.minimum(jnp.sum(row_end <= item), batch - 1)
+        within = item - (row_end[row] - block_count[row])
+        real = item < limit
+        block_start = jnp.clip(first_block[row] + within, 0, blocks_per_row - 1) * block
         # The last block may hang past S: slice it from S - block instead (in bounds) and
-        # mask the positions that belong to the previous block.
+        # mask the positions that belong to the block before it.
         slice_start = jnp.minimum(block_start, max_len - block)
-        positions = slice_start[:, None] + jnp.arange(block)[None, :]
-        valid = ((positions >= block_start[:, None]) & (positions >= low[row][:, None])
-                 & (positions < end[row][:, None]) & real[:, None])
-        key_blocks = gather_blocks(args.key, row, slice_start)
-        value_blocks = gather_blocks(args.value, row, slice_start)
-        block_max, block_sum, out = _block_partials(
-            query[row], key_blocks, value_blocks, positions, valid, args, config)
-        maxes = maxes.at[slot].set(block_max)
-        sums = sums.at[slot].set(block_sum)
-        outs = outs.at[slot].set(out)
-        return t + 1, maxes, sums, outs
+        keys = _slice_block(key, row, slice_start, block, config)
+        values = _slice_block(value, row, slice_start, block, config)
+        position = slice_start + jnp.arange(block)
+        valid = (position >= jnp.maximum(block_start, low[row])) & (position < end[row]) & real
+        partial = _block_partial(block_query[row], keys, values, valid, args,
+                                 config.contraction)
+        slot = jnp.where(real, row * blocks_per_row + within, capacity)  # spare slot
+        return slot, partial
 
-    num_steps = -(-total // width)
-    partial = (capacity + 1, kv_heads, group)
-    carry = (jnp.int32(0), jnp.full(partial, -jnp.inf, jnp.float32),
-             jnp.zeros(partial, jnp.float32), jnp.zeros(partial + (head_dim,), jnp.float32))
-    _, maxes, sums, outs = jax.lax.while_loop(lambda c: c[0] < num_steps, step, carry)
+    def run_split(first_item, limit):
+        """Computes work items [first_item, limit) into fresh partial buffers."""
 
-    shape4 = (batch, blocks_per_row, kv_heads, group)
-    maxes = maxes[:capacity].reshape(shape4)
-    sums = sums[:capacity].reshape(shape4)
-    outs = outs[:capacity].reshape(shape4 + (head_dim,))
+        def step(carry):
+            t, maxes, sums, outs, key, value = carry
+            for lane in range(width):
+                item = first_item + t * width + lane
+                slot, (block_max, block_sum, out) = item_partial(item, limit, key, value)
+                maxes = jax.lax.dynamic_update_slice(maxes, block_max[None], (slot, 0, 0))
+                sums = jax.lax.dynamic_update_slice(sums, block_sum[None], (slot, 0, 0))
+                outs = jax.lax.dynamic_update_slice(outs, out[None], (slot, 0, 0, 0))
+            # Carrying the cache through an optimization barrier keeps XLA from hoisting a
+            # float32 copy of the whole cache out of the loop (its CPU backend widens
+            # bfloat16 slices to float32, and the widening of the invariant cache is
+            # otherwise hoisted).
+            key, value = jax.lax.optimization_barrier((key, value))
+            return t + 1, maxes, sums, outs, key, value
+
+        num_steps = -(-(limit - first_item) // width)
+        partial = (capacity + 1, kv_heads, group)
+        carry = (jnp.int32(0), jnp.full(partial, -jnp.inf, jnp.float32),
+                 jnp.zeros(partial, jnp.float32), jnp.zeros(partial + (head_dim,), jnp.float32),
+                 args.key, args.value)
+        return jax.lax.while_loop(lambda c: c[0] < num_steps, step, carry)[1:4]
+
+    # Independent splits of the work list (separate loops XLA may run at the same time);
+    # each slot is filed by exactly one split, the others leave it at (-inf, 0, 0).
+    per_split = -(-total // config.num_kv_splits)
+    maxes, sums, outs = None, None, None
+    for split in range(config.num_kv_splits):
+        first_item = split * per_split
+        limit = jnp.minimum(first_item + per_split, total)
+        split_maxes, split_sums, split_outs = run_split(first_item, limit)
+        if maxes is None:
+            maxes, sums, outs = split_maxes, split_sums, split_outs
+        else:
+            maxes = jnp.maximum(maxes, split_maxes)
+            sums, outs = sums + split_sums, outs + split_outs
+
+    per_row = (batch, blocks_per_row, kv_heads, group)
+    maxes = maxes[:capacity].reshape(per_row)
+    sums = sums[:capacity].reshape(per_row)
+    outs = outs[:capacity].reshape(per_row + (head_dim,))
     row_max = jnp.max(maxes, axis=1)
     if args.sinks is not None:
         sinks = args.sinks.reshape(1, kv_heads, group)
         row_max = jnp.maximum(row_max, sinks)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    rescale = jnp.exp(maxes - row_max[:, None])  # exp(-inf) = 0 for unfilled slots
+    rescale = jnp.exp(maxes - row_max[:, None])  # 0 for unused slots (max -inf)
     denominator = jnp.sum(rescale * sums, axis=1)
     if args.sinks is not None:
         denominator = denominator + jnp.exp(sinks - row_max)

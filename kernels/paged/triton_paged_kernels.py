@@ -20,12 +20,14 @@ Logits are kept in base 2 (scaled by log2(e)) so the softmax uses exp2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
+# log2(e) as a constexpr: Triton kernels may only read globals that are constexprs.
+LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 def paged_attention_kernel(
@@ -57,7 +59,7 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,  # power of two >= 16
     QUERIES_PER_BLOCK: tl.constexpr,
-    KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE
+    KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE / sub_page_blocks
     KV_BLOCK: tl.constexpr,  # KV_TOKENS_PER_BLOCK rounded up to a power of two
     KV_SPLITS: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,  # binary search steps over max_seqs + 1 candidates
@@ -77,9 +79,9 @@ def paged_attention_kernel(
     num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), MAX_SEQS)
 
     # First virtual sequence whose first program id is past this one (over 0..num_seqs).
-    low = 0
+    low = num_seqs * 0
     high = num_seqs + 1
-    for _ in range(SEARCH_STEPS):
+    for _ in tl.static_range(SEARCH_STEPS):
         middle = (low + high) // 2
         middle_start = tl.load(query_start_loc_ptr + tl.minimum(middle, MAX_SEQS))
         middle_start = tl.minimum(tl.maximum(middle_start, 0), NUM_TOKENS)
@@ -267,10 +269,74 @@ def combine_splits_kernel(
 
 @functools.cache
 def compiled_kernels(interpret: bool):
-    """(attention kernel, split combine kernel), for GPUs or for Triton's CPU interpreter."""
+    """(attention kernel, split combine kernel), for GPUs or for Triton's CPU interpreter.
+
+    Launch interpreted kernels inside :func:`interpreter_scope`.
+    """
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
         return (InterpretedFunction(paged_attention_kernel),
                 InterpretedFunction(combine_splits_kernel))
     return (triton.jit(paged_attention_kernel), triton.jit(combine_splits_kernel))
+
+
+def _widened_bfloat16(handle):
+    """A bfloat16 interpreter tensor as float32 (exact: bfloat16 is float32's top 16 bits)."""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    if handle.dtype.scalar != tl.bfloat16:
+        return handle
+    widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
+    return TensorHandle(widened, tl.float32)
+
+
+@contextlib.contextmanager
+def interpreter_scope():
+    """Makes Triton's interpreter (triton 3.9) able to run these kernels while it is open.
+
+    1. The interpreter only runs helpers built while TRITON_INTERPRET was set, and in a
+       process that may also compile for a GPU triton.language was imported without it. So
+       each of triton.language's ``@jit`` helpers (tl.sum, tl.max, tl.cdiv) is swapped for
+       one interpreted twin until exit (one per helper: the interpreter picks its numpy fast
+       paths by identity, ``combine_fn is tl.standard._elementwise_max``).
+    2. The interpreter's ``tl.dot`` multiplies bfloat16 operands as their raw uint16 bits; they
+       are widened to float32 first, which is what a bfloat16 MMA with float32 accumulation
+       computes.
+    3. An interpreted helper call patches triton.language's builtins with interpreter ones
+       and never puts them back, which breaks every later GPU compile in the process. The
+       builtins of tl and tl.core are saved here and put back on exit.
+    """
+    import types
+
+    from triton.runtime.interpreter import (InterpretedFunction, _patch_lang,
+                                            interpreter_builder)
+    from triton.runtime.jit import JITFunction
+
+    # The first interpreted launch imports gluon, which refuses to import while the helpers
+    # are swapped: import it now.
+    import triton.experimental.gluon  # noqa: F401
+
+    # Patching both modules now records their true builtins; restoring puts those back.
+    language_patches = _patch_lang(types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core}))
+    twins: dict[int, InterpretedFunction] = {}
+    swapped = []
+    for module in (tl, tl.standard, tl.math):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                swapped.append((module, name, value))
+                setattr(module, name, twins.setdefault(id(value), InterpretedFunction(value.fn)))
+    class_dot = interpreter_builder.create_dot
+
+    def widening_dot(a, b, accumulator, *rest):
+        return class_dot(_widened_bfloat16(a), _widened_bfloat16(b), accumulator, *rest)
+
+    interpreter_builder.create_dot = widening_dot
+    try:
+        yield
+    finally:
+        del interpreter_builder.create_dot  # the instance attribute: the class's shows again
+        for module, name, value in swapped:
+            setattr(module, name, value)
+        language_patches.restore()

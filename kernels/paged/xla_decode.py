@@ -1,0 +1,190 @@
+"""ragged_paged_attention specialized for decode steps (every sequence has one query row).
+
+In a decode step row i belongs to sequence i alone, so attention is flash decoding over
+gathered pages. The KV blocks every sequence needs (its context, cut by the window) form one
+work list; a while loop with a dynamic trip count takes ``blocks_per_step`` of them at a time,
+whichever sequences they belong to, gathers their pages, and merges each block's partial
+softmax into its sequence's running state. Short and long contexts then cost their own pages
+and every step is the same size, however ragged the batch.
+
+The decode path runs only when every active sequence has at most one query row (checked on
+the values at run time); any other batch takes the ``xla_blocked`` kernel, so the result
+never depends on what the batch holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ..inputs import PagedArgs, PagedShape
+from ..tunables import POWER_OF_TWO, KernelConfig, tunable
+from ..variant import Variant
+from . import xla_blocked
+from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, Softmax, block_scores, cdiv, empty_softmax,
+                          floor_pow2, gather_kv_block, loop_variant, sequence_layout,
+                          softmax_finish, softmax_update)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaDecodeConfig(KernelConfig):
+    kv_pages_per_block: int = tunable(
+        32, (1, 2, 4, 8, 16, 32, 64, 128), POWER_OF_TWO,
+        "pages per KV block, the unit of the work list")
+    blocks_per_step: int = tunable(
+        2, (1, 2, 4, 8, 16), POWER_OF_TWO,
+        "KV blocks (of any sequences) gathered and computed together in one loop step")
+    prefill_queries_per_block: int = tunable(
+        64, (8, 32, 64, 128), POWER_OF_TWO,
+        "queries_per_block of the xla_blocked kernel that batches with prefill rows take")
+
+    def invalid_reason(self, shape: PagedShape) -> str | None:
+        if self.kv_pages_per_block > floor_pow2(shape.pages_per_seq):
+            return (f"kv_pages_per_block {self.kv_pages_per_block} exceeds pages_per_seq "
+                    f"{shape.pages_per_seq} (rounded down to a power of two)")
+        total_blocks = shape.max_seqs * cdiv(shape.pages_per_seq, self.kv_pages_per_block)
+        if self.blocks_per_step > floor_pow2(total_blocks):
+            return (f"blocks_per_step {self.blocks_per_step} exceeds the KV blocks of the whole "
+                    f"page table ({total_blocks}, rounded down to a power of two)")
+        elements = (shape.q_heads * self.blocks_per_step
+                    * self.kv_pages_per_block * shape.page_size)
+        if elements > MAX_SCORE_BLOCK_ELEMENTS:
+            return (f"a score block of Hq x blocks_per_step x kv_pages_per_block x page_size "
+                    f"= {elements} elements exceeds {MAX_SCORE_BLOCK_ELEMENTS}")
+        return self._fallback(shape).invalid_reason(shape)
+
+    def clamp(self, shape: PagedShape) -> XlaDecodeConfig:
+        pages = min(self.kv_pages_per_block, floor_pow2(shape.pages_per_seq))
+        total_blocks = shape.max_seqs * cdiv(shape.pages_per_seq, pages)
+        steps = min(self.blocks_per_step, floor_pow2(total_blocks))
+        while steps > 1 and shape.q_heads * steps * pages * shape.page_size > MAX_SCORE_BLOCK_ELEMENTS:
+            steps //= 2
+        while pages > 1 and shape.q_heads * steps * pages * shape.page_size > MAX_SCORE_BLOCK_ELEMENTS:
+            pages //= 2
+        queries = self.prefill_queries_per_block
+        while queries > 1 and shape.q_heads * queries * pages * shape.page_size > MAX_SCORE_BLOCK_ELEMENTS:
+            queries //= 2
+        return self.replace(kv_pages_per_block=pages, blocks_per_step=steps,
+                            prefill_queries_per_block=queries)
+
+    def _fallback(self, shape: PagedShape) -> xla_blocked.XlaBlockedConfig:
+        return fallback_config(self, shape.num_tokens)
+
+
+def fallback_config(config: XlaDecodeConfig, num_tokens: int) -> xla_blocked.XlaBlockedConfig:
+    """The xla_blocked config that batches with prefill rows run with."""
+    return xla_blocked.XlaBlockedConfig(
+        kv_pages_per_block=config.kv_pages_per_block,
+        queries_per_block=min(config.prefill_queries_per_block, floor_pow2(num_tokens)))
+
+
+def heuristic(shape: PagedShape) -> XlaDecodeConfig:
+    """About 512 cache positions per block, two blocks per step (measured best on CPU)."""
+    return XlaDecodeConfig(
+        kv_pages_per_block=floor_pow2(max(512 // shape.page_size, 1)),
+        blocks_per_step=2,
+        prefill_queries_per_block=64,
+    ).clamp(shape)
+
+
+def _merge(state: Softmax, seq: jax.Array, part: Softmax) -> Softmax:
+    """Merges per-block partials `part` ([W, ...]) into rows `seq` [W] of `state`."""
+    new_max = state.row_max.at[seq].max(part.row_max)
+    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    # Both states keep (total, out) relative to their finite max (0 while still empty), so
+    # exp(old max - new shift) rescales them; an empty one has -inf there and gives 0.
+    keep = jnp.exp(state.row_max - shift)
+    add = jnp.exp(part.row_max - shift[seq])
+    total = (state.total * keep).at[seq].add(part.total * add)
+    out = (state.out * keep[..., None]).at[seq].add(part.out * add[..., None])
+    return Softmax(new_max, total, out)
+
+
+def _decode_step(args: PagedArgs, config: XlaDecodeConfig, layout) -> jax.Array:
+    """Attention of a batch whose sequences have at most one query row. f32 [T, Hq, D]."""
+    num_tokens, q_heads, head_dim = args.queries.shape
+    num_pages, page_size, combined_heads, _ = args.kv_pages.shape
+    kv_heads = combined_heads // 2
+    group = q_heads // kv_heads
+    max_seqs, pages_per_seq = args.page_table.shape
+    pages_per_block = config.kv_pages_per_block
+    width = config.blocks_per_step
+    block_len = pages_per_block * page_size
+
+    has_row = (layout.q_len == 1) & (layout.context > 0)
+    position = layout.context - 1  # the one query row sits at the last key
+    first_key = jnp.zeros_like(position)
+    if args.window_left is not None:
+        first_key = jnp.maximum(position - args.window_left, 0)
+    first_page = first_key // page_size
+    last_page = jnp.maximum(position, 0) // page_size
+    blocks = jnp.where(has_row, cdiv(last_page - first_page + 1, pages_per_block), 0)
+    ends = jnp.cumsum(blocks)
+    begins = ends - blocks
+    total_blocks = ends[-1]
+
+    query_rows = jnp.minimum(layout.row_start, num_tokens - 1)
+    queries = args.queries[query_rows].reshape(max_seqs, kv_heads, group, head_dim)
+
+    def body(carry):
+        step, state = carry
+        kv_pages, step = loop_variant(args.kv_pages, step)
+        item = step * width + jnp.arange(width)
+        # Items past the list get sequence max_seqs: a scratch row of the state.
+        seq = jnp.sum(ends[None, :] <= item[:, None], axis=1)
+        safe_seq = jnp.minimum(seq, max_seqs - 1)
+        block_first_page = first_page[safe_seq] + (item - begins[safe_seq]) * pages_per_block
+        logical = block_first_page[:, None] + jnp.arange(pages_per_block)
+        # Pages past a sequence's last one re-read that page (masked) instead of reading on.
+        logical = jnp.clip(jnp.minimum(logical, last_page[safe_seq][:, None]), 0,
+                           pages_per_seq - 1)
+        page_ids = jnp.clip(args.page_table[safe_seq[:, None], logical], 0, num_pages - 1)
+        keys, values = gather_kv_block(kv_pages, page_ids)  # [W, Hkv, block_len, D]
+        scores = block_scores(args, queries[safe_seq], keys)  # [W, Hkv, G, block_len]
+        key_position = block_first_page[:, None] * page_size + jnp.arange(block_len)
+        valid = ((key_position < layout.context[safe_seq][:, None])
+                 & (key_position >= first_key[safe_seq][:, None])
+                 & (seq < max_seqs)[:, None])
+        part = softmax_update(empty_softmax((width, kv_heads, group), head_dim), scores,
+                              valid[:, None, None, :], values)
+        return step + 1, _merge(state, seq, part)
+
+    _, state = jax.lax.while_loop(
+        lambda carry: carry[0] * width < total_blocks, body,
+        (jnp.int32(0), empty_softmax((max_seqs + 1, kv_heads, group), head_dim)))
+    state = Softmax(*(field[:max_seqs] for field in state))
+    sinks = None if args.sinks is None else args.sinks.reshape(kv_heads, group)
+    out = softmax_finish(state, sinks).reshape(max_seqs, q_heads, head_dim)
+    rows = jnp.where(has_row, layout.row_start, num_tokens)  # num_tokens: dropped
+    return jnp.zeros((num_tokens, q_heads, head_dim), jnp.float32).at[rows].set(
+        out, mode="drop")
+
+
+def ragged_paged_attention_decode(args: PagedArgs, config: XlaDecodeConfig, *,
+                                  interpret: bool = False) -> jax.Array:
+    """The xla_decode kernel. Returns f32 [T, Hq, D]; rows no sequence owns are zeros."""
+    num_tokens, q_heads, head_dim = args.queries.shape
+    if num_tokens == 0 or args.kv_pages.shape[0] == 0 or args.page_table.shape[1] == 0:
+        return jnp.zeros((num_tokens, q_heads, head_dim), jnp.float32)
+    fallback = fallback_config(config, num_tokens)
+    layout = sequence_layout(args)
+    return jax.lax.cond(
+        jnp.all(layout.q_len <= 1),
+        lambda: _decode_step(args, config, layout),
+        lambda: xla_blocked.ragged_paged_attention_blocked(args, fallback, interpret=interpret))
+
+
+VARIANT = Variant(
+    name="xla_decode",
+    op="paged",
+    platforms=("cpu", "gpu", "tpu"),
+    interpretable=True,
+    features=frozenset({"sliding_window", "logits_soft_cap", "sinks"}),
+    config_class=XlaDecodeConfig,
+    kernel=ragged_paged_attention_decode,
+    heuristic=heuristic,
+    description="XLA flash decoding over one work list of (sequence, page block) for "
+                "decode steps; batches with prefill rows take xla_blocked",
+)

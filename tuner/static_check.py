@@ -1,0 +1,175 @@
+"""`attnbench check`: compile every GPU config a sweep would run, before any GPU time is spent.
+
+For each problem of a sweep file and each config of a variant that compiles GPU kernels
+(after validity rules and the file's constraints), :func:`cuda_check.check_config` compiles it
+for each CUDA target. The rows go to a CSV; the sweep, on a GPU host, skips the configs found
+unlaunchable or uncompilable for its own target (status ``skipped_static``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import cuda_check, space
+from .sweep_file import SweepSpec, load_sweep
+
+Echo = Callable[[str], None]
+
+CSV_COLUMNS = ("problem_id", "problem", "variant", "config", "target", "status", "reason",
+               "kernel", "grid", "num_warps", "num_stages", "shared_bytes",
+               "registers_per_thread", "spill_bytes")
+
+
+def target_for_device(device_kind: str) -> cuda_check.CudaTarget | None:
+    """The CUDA target of a normalized device kind ('nvidia-h100' -> sm_90), if known."""
+    aliases = {"nvidia-h200": "nvidia-h100", "nvidia-a800": "nvidia-a100"}
+    kind = aliases.get(device_kind, device_kind)
+    for target in cuda_check.TARGETS.values():
+        if target.device_kind == kind:
+            return target
+    return None
+
+
+def targets_of_sweep(spec: SweepSpec) -> list[cuda_check.CudaTarget]:
+    """The CUDA targets of the devices a sweep file names (patterns are not expanded)."""
+    found = [target_for_device(device) for device in spec.devices]
+    return list({t.name: t for t in found if t is not None}.values())
+
+
+def checked_candidates(spec: SweepSpec, shard: tuple[int, int]) -> list[tuple[Any, space.Candidate]]:
+    """(problem plan, candidate) for every runnable config of a GPU-kernel variant."""
+    from .runner import plan
+
+    gpu_variants = {v.name for v in cuda_check.gpu_kernel_variants()}
+    pairs = []
+    for item in plan(spec, shard, "gpu"):
+        for candidate in item.candidates:
+            if candidate.skip_reason is None and candidate.variant.name in gpu_variants:
+                pairs.append((item, candidate))
+    return pairs
+
+
+def _rows(item, candidate, result: cuda_check.CheckResult) -> list[dict[str, Any]]:
+    base = {"problem_id": space.problem_id(item.problem), "problem": item.problem.label,
+            "variant": candidate.variant.name, "config": space.canonical(candidate.config),
+            "target": result.target, "status": result.status, "reason": result.reason}
+    if not result.kernels:
+        return [base]
+    return [base | {"kernel": k.name, "grid": "x".join(map(str, k.grid)),
+                    "num_warps": k.num_warps, "num_stages": k.num_stages,
+                    "shared_bytes": k.shared_bytes,
+                    "registers_per_thread": k.registers_per_thread,
+                    "spill_bytes": k.spill_bytes} for k in result.kernels]
+
+
+def run_check(sweep_path: Path, targets: list[cuda_check.CudaTarget], out_csv: Path, *,
+              shard: tuple[int, int] = (0, 1), limit: int | None = None,
+              echo: Echo = print) -> list[dict[str, Any]]:
+    """Checks the sweep's GPU configs for each target; writes and returns the CSV rows.
+
+    Rows are appended and flushed as each config finishes, so an interrupted check keeps
+    what it did. `limit` caps the configs checked per variant (a slice for CI).
+    """
+    spec = load_sweep(sweep_path)
+    pairs = checked_candidates(spec, shard)
+    if limit is not None:
+        taken: dict[str, int] = {}
+        sliced = []
+        for item, candidate in pairs:
+            taken[candidate.variant.name] = taken.get(candidate.variant.name, 0) + 1
+            if taken[candidate.variant.name] <= limit:
+                sliced.append((item, candidate))
+        pairs = sliced
+    if not pairs:
+        echo(f"{sweep_path}: no config of a GPU-kernel variant to check")
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with open(out_csv, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for target in targets:
+            for index, (item, candidate) in enumerate(pairs, 1):
+                config = candidate.variant.config_class(**candidate.config)
+                result = cuda_check.check_config(item.problem.problem, candidate.variant.name,
+                                                 config, target)
+                new_rows = _rows(item, candidate, result)
+                writer.writerows(new_rows)
+                file.flush()
+                rows += new_rows
+                summary = ", ".join(
+                    f"{k.name}: {k.shared_bytes} B smem, {k.registers_per_thread} regs, "
+                    f"{k.spill_bytes} B spills" for k in result.kernels)
+                echo(f"[{target.name} {index}/{len(pairs)}] {item.problem.label} "
+                     f"{candidate.variant.name} {space.canonical(candidate.config)}: "
+                     f"{result.status}{' (' + result.reason[:200] + ')' if result.reason else ''}"
+                     f"{' | ' + summary if summary else ''}")
+    verdicts = {(r["target"], r["problem_id"], r["variant"], r["config"]): r["status"]
+                for r in rows}
+    counts = {status: list(verdicts.values()).count(status)
+              for status in ("ok", "unlaunchable", "compile_error")}
+    echo(f"checked {len(pairs)} configs x {len(targets)} targets: {counts['ok']} ok, "
+         f"{counts['unlaunchable']} unlaunchable, {counts['compile_error']} compile errors; "
+         f"wrote {out_csv}")
+    return rows
+
+
+def read_verdicts(csv_path: Path) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """(problem_id, variant, config json) -> (status, reason) from a check CSV, per target
+    merged: a config is refused if any of its kernels is."""
+    verdicts: dict[tuple[str, str, str], tuple[str, str]] = {}
+    with open(csv_path, newline="") as file:
+        for row in csv.DictReader(file):
+            key = (row["problem_id"], row["variant"], row["config"])
+            if row["status"] != "ok" or key not in verdicts:
+                verdicts[key] = (row["status"], row["reason"])
+    return verdicts
+
+
+def prune(plans: list, verdicts: dict[tuple[str, str, str], tuple[str, str]]) -> int:
+    """Marks candidates the check refused as `skipped_static`; returns how many."""
+    import dataclasses
+
+    pruned = 0
+    for item in plans:
+        problem_id = space.problem_id(item.problem)
+        for index, candidate in enumerate(item.candidates):
+            verdict = verdicts.get((problem_id, candidate.variant.name,
+                                    space.canonical(candidate.config)))
+            if candidate.skip_reason is None and verdict and verdict[0] != "ok":
+                item.candidates[index] = dataclasses.replace(
+                    candidate, skip_reason=f"attnbench check: {verdict[0]}: {verdict[1]}",
+                    skip_status="skipped_static")
+                pruned += 1
+    return pruned
+
+
+def check_before_sweep(sweep_path: Path, run_dir: Path, device_kind: str,
+                       shard: tuple[int, int], echo: Echo) -> dict | None:
+    """On a GPU host: runs the check for this device's target in a CPU-only subprocess (so
+    the sweep's parent never holds GPU memory) and returns its verdicts; reuses a finished
+    check of an earlier attempt of the same run."""
+    target = target_for_device(device_kind)
+    if target is None:
+        echo(f"no CUDA target known for {device_kind}; the static check is skipped")
+        return None
+    out_csv = run_dir / f"static_check-{target.name}.csv"
+    done_marker = out_csv.with_suffix(".done")
+    if not done_marker.exists():
+        echo(f"checking the GPU configs for {target.name} before running them ({out_csv})")
+        command = [sys.executable, "-m", "attnbench.cli", "check", str(sweep_path),
+                   "--target", f"cuda:{target.name}", "--out", str(out_csv),
+                   "--shard", f"{shard[0]}/{shard[1]}"]
+        environment = os.environ | {"JAX_PLATFORMS": "cpu"}
+        done = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if done.returncode != 0:
+            echo(f"the static check failed; running every config:\n{done.stderr[-2000:]}")
+            return None
+        done_marker.write_text(json.dumps({"target": target.name}))
+    return read_verdicts(out_csv)

@@ -1,0 +1,252 @@
+"""The measuring process: one per problem, so a kernel that hangs or crashes cannot take the
+sweep down (the runner stops it on a timeout, records `timeout` or `crashed`, and starts a
+fresh one).
+
+A worker draws the problem's inputs once, computes the float32 reference once, then takes
+configs one at a time: ahead-of-time compile (timed), one run checked against the reference,
+then timing with the compile excluded. Every outcome is a record, never an exception.
+The parent never touches the accelerator itself (on a TPU only one process may hold it);
+even the device kind comes from a short-lived worker (:func:`probe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform as host_platform
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+_MESSAGE_LIMIT = 2000
+
+
+def _die_with_parent() -> None:
+    """Exit as soon as the parent process is gone (it may have been killed with SIGKILL)."""
+    try:  # Linux: have the kernel send SIGKILL when the parent dies.
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("attnbench", "jax", "jaxlib", "numpy", "jax-triton", "triton", "libtpu",
+                    "jax-cuda12-plugin"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def probe(connection, measure_bandwidth: bool) -> None:
+    """Worker entry: sends the environment (device, versions, read bandwidth) and exits."""
+    _die_with_parent()
+    try:
+        import jax
+
+        from attnbench.kernels.platform import current_platform, normalize_device_kind
+
+        device = jax.devices()[0]
+        environment: dict[str, Any] = {
+            "device_kind": normalize_device_kind(device.device_kind),
+            "device_kind_raw": device.device_kind,
+            "platform": current_platform(),
+            "device_count": jax.device_count(),
+            "host": host_platform.node(),
+            "cpu_count": os.cpu_count(),
+            "versions": _versions(),
+        }
+        if measure_bandwidth:
+            from . import roofline
+
+            environment["read_bandwidth_bytes_per_s"] = roofline.read_bandwidth()
+        connection.send(("ok", environment))
+    except Exception:  # noqa: BLE001 -- the parent reports it
+        connection.send(("error", traceback.format_exc()[-_MESSAGE_LIMIT:]))
+    connection.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantRef:
+    """How a worker finds a variant: by op and name in the registry, or else among the
+    `Variant` objects of the module that defines its kernel (a variant registered only by a
+    test, which a fresh process's registry does not hold)."""
+
+    op: str
+    name: str
+    module: str
+
+    @classmethod
+    def of(cls, variant) -> VariantRef:
+        return cls(variant.op, variant.name, variant.kernel.__module__)
+
+    def resolve(self):
+        import importlib
+
+        from attnbench.kernels import registry
+        from attnbench.kernels.variant import Variant
+
+        for variant in registry.variants(self.op):
+            if variant.name == self.name:
+                return variant
+        module = importlib.import_module(self.module)
+        for value in vars(module).values():
+            found = value if isinstance(value, (tuple, list)) else (value,)
+            for item in found:
+                if isinstance(item, Variant) and (item.op, item.name) == (self.op, self.name):
+                    return item
+        raise LookupError(f"variant {self.op}/{self.name} is neither registered nor defined "
+                          f"in module {self.module}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One config of one variant to measure, with its timing settings."""
+
+    variant: VariantRef
+    config: dict[str, Any]
+    warmup: int
+    repeats: int
+    max_seconds: float | None
+
+
+def _message(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+
+
+class _Problem:
+    """A problem's inputs, reference output and memory floor, prepared once per worker."""
+
+    def __init__(self, problem, seed: int, tolerance: float, bandwidth: float | None):
+        import jax
+        import numpy as np
+
+        from attnbench.kernels.reference import DECODE_VARIANT, PAGED_VARIANT
+
+        from . import roofline
+        from .problems import rotated_input_sets
+
+        self.problem = problem
+        self.tolerance = tolerance
+        # Compiled calls by (variant, config): a config timed again in a later halving round
+        # is not compiled twice. Its record keeps the compile time of the first compile.
+        self.compiled: dict[str, tuple[Any, float]] = {}
+        args, self.kwargs = problem.make_inputs(seed)
+        self.bytes_moved = roofline.bytes_moved(problem.op, args, self.kwargs)
+        self.floor_us = roofline.floor_us(self.bytes_moved, bandwidth) if bandwidth else None
+        # Rotate inputs only where the problem fits in cache; large ones are cold anyway.
+        rotate = self.bytes_moved < 4 * roofline.last_level_cache_bytes()
+        sinks = self.kwargs.get("sinks")
+        self.input_sets = [tuple(a) + ((sinks,) if sinks is not None else ())
+                           for a in rotated_input_sets(args, seed, 3 if rotate else 1)]
+        reference_variant = DECODE_VARIANT if problem.op == "decode" else PAGED_VARIANT
+        reference = self.compile(reference_variant, None, output_dtype="float32")
+        self.reference = np.asarray(jax.block_until_ready(reference(*self.input_sets[0])))
+        if problem.op == "paged":
+            self.real_rows = int(np.asarray(args[4])[int(np.asarray(args[5]))])
+
+    def compile(self, variant, config, output_dtype: str | None = None):
+        """The AOT-compiled kernel call on these inputs, cast as the operator casts it
+        (to the query dtype, or `output_dtype`)."""
+        import jax
+
+        from attnbench.kernels import inputs
+
+        op = self.problem.op
+        static = {k: v for k, v in self.kwargs.items() if k != "sinks"}
+        has_sinks = "sinks" in self.kwargs
+        prepare = inputs.prepare_decode if op == "decode" else inputs.prepare_paged
+
+        def call(*arrays):
+            operator_args = arrays[:-1] if has_sinks else arrays
+            extra = {"sinks": arrays[-1]} if has_sinks else {}
+            prepared = prepare(*operator_args, **static, **extra)[0]
+            output = variant.kernel(prepared, config, interpret=False)
+            return output.astype(output_dtype or operator_args[0].dtype)
+
+        return jax.jit(call).lower(*self.input_sets[0]).compile()
+
+    def measure(self, task: Task) -> dict[str, Any]:
+        import jax
+        import numpy as np
+
+        from .accuracy import compare
+        from .timing import time_call
+
+        record: dict[str, Any] = {"bytes_moved": self.bytes_moved, "floor_us": self.floor_us}
+        try:
+            cache_key = repr((task.variant, sorted(task.config.items())))
+            if cache_key not in self.compiled:
+                variant = task.variant.resolve()
+                config = variant.config_class.from_mapping(task.config)
+                began = time.perf_counter()
+                self.compiled[cache_key] = (self.compile(variant, config),
+                                            time.perf_counter() - began)
+            compiled, record["compile_s"] = self.compiled[cache_key]
+        except Exception as error:  # noqa: BLE001 -- a failing config is a result
+            return {**record, "status": "compile_error", "reason": _message(error)}
+        try:
+            output = np.asarray(jax.block_until_ready(compiled(*self.input_sets[0])))
+        except Exception as error:  # noqa: BLE001
+            return {**record, "status": "error", "reason": _message(error)}
+        accuracy = compare(output, self.reference, self.problem.dtype, self.tolerance)
+        record.update(relative_error=accuracy.relative_error, max_abs_error=accuracy.max_abs_error)
+        if accuracy.ok and self.problem.op == "paged" and np.any(
+                np.asarray(output[self.real_rows:], np.float32)):
+            accuracy = dataclasses.replace(accuracy, ok=False,
+                                           reason="padding rows are not exactly zero")
+        if not accuracy.ok:
+            return {**record, "status": "wrong", "reason": accuracy.reason}
+        try:
+            timing = time_call(compiled, self.input_sets, warmup=task.warmup,
+                               repeats=task.repeats, max_seconds=task.max_seconds)
+        except Exception as error:  # noqa: BLE001
+            return {**record, "status": "error", "reason": _message(error)}
+        record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
+                      p80_us=timing.p80_us, samples=timing.samples)
+        return record
+
+
+def serve(connection, problem, seed: int, tolerance: float, bandwidth: float | None) -> None:
+    """Worker entry: prepares `problem`, answers ("ready", info), then measures each Task
+    it receives and answers with its record, until it receives None or the pipe closes."""
+    _die_with_parent()
+    try:
+        prepared = _Problem(problem, seed, tolerance, bandwidth)
+    except Exception:  # noqa: BLE001 -- the parent records it for every config of the problem
+        connection.send(("error", traceback.format_exc()[-_MESSAGE_LIMIT:]))
+        connection.close()
+        return
+    connection.send(("ready", {"pid": os.getpid()}))
+    while True:
+        try:
+            task = connection.recv()
+        except EOFError:
+            break
+        if task is None:
+            break
+        try:
+            record = prepared.measure(task)
+        except Exception as error:  # noqa: BLE001 -- never let one config end the worker
+            record = {"status": "error", "reason": _message(error)}
+        connection.send(("done", record))
+    connection.close()
