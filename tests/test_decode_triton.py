@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 pytest.importorskip("torch")
 
 from attnbench import kernels  # noqa: E402
-from attnbench.kernels import inputs  # noqa: E402
+from attnbench.kernels import gpu_limits, inputs  # noqa: E402
 from attnbench.kernels.decode import triton_splitkv  # noqa: E402
 from attnbench.kernels.decode.triton_splitkv import TritonSplitKVConfig  # noqa: E402
 from attnbench.kernels.inputs import DecodeShape  # noqa: E402
@@ -195,23 +195,6 @@ def test_an_unwritten_output_shows_as_nan():
     assert np.all(np.isnan(out[:, 1])) and np.all(np.isfinite(out[:, 0]))
 
 
-def test_interpreter_scope_restores_triton():
-    import triton.language as tl
-    from triton.runtime.interpreter import interpreter_builder
-    from triton.runtime.jit import JITFunction
-
-    problem = DecodeProblem(batch=1, max_len=16, q_heads=2, kv_heads=1, head_dim=16,
-                            dtype="bfloat16")
-    run_and_compare(problem, VARIANT, seed=0, interpret=True)
-    assert isinstance(tl.max, JITFunction) and isinstance(tl.standard.sum, JITFunction)
-    assert "create_dot" not in vars(interpreter_builder)
-    # The language itself is left as the GPU compiler needs it (see test_exports_for_cuda).
-    for name in ("load", "store", "dot", "add", "where"):
-        assert tl.core.is_builtin(getattr(tl.core, name)), name
-        assert tl.core.is_builtin(getattr(tl, name)), name
-    assert tl.core.is_builtin(tl.tensor.__add__)
-
-
 # ---- Configs and errors -------------------------------------------------------------------
 
 
@@ -223,6 +206,8 @@ def test_default_config_is_valid_for_every_supported_shape():
                             kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
         config = kernels.get_variant("decode", VARIANT).default_config(shape)
         assert config.invalid_reason(shape) is None, (shape, config)
+        # Defaults run on every supported GPU, not only on those with the most shared memory.
+        assert config.shared_memory_bytes(shape) <= gpu_limits.PORTABLE_SHARED_MEMORY_BYTES
 
 
 def test_validity_rules():
@@ -250,6 +235,32 @@ def test_validity_rules():
             TritonSplitKVConfig(**{field: value})
 
 
+def test_shared_memory_rule_allows_the_largest_gpu_and_check_judges_each():
+    """The rule admits what an H100 can hold; `attnbench check` (cuda_check) tells which GPUs
+    can launch it; the heuristic's fitting keeps to what every GPU has."""
+    pytest.importorskip("jax_triton")
+    from attnbench.tuner import cuda_check
+
+    problem = DecodeProblem(batch=2, max_len=1024, q_heads=16, kv_heads=2, head_dim=128,
+                            dtype="bfloat16")
+    shape = shape_of(problem)
+    big = TritonSplitKVConfig(kv_block_size=128, block_q_heads=16, num_kv_splits=2,
+                              num_warps=8, num_stages=3)
+    assert (gpu_limits.PORTABLE_SHARED_MEMORY_BYTES < big.shared_memory_bytes(shape)
+            <= gpu_limits.MAX_SHARED_MEMORY_BYTES)
+    assert big.invalid_reason(shape) is None
+    assert "shared memory" in big.replace(num_stages=5).invalid_reason(shape)
+    fitted = triton_splitkv.fit_resources(big, shape)
+    assert fitted.invalid_reason(shape) is None
+    assert fitted.shared_memory_bytes(shape) <= gpu_limits.PORTABLE_SHARED_MEMORY_BYTES
+    assert triton_splitkv.fit_resources(big, shape, gpu_limits.MAX_SHARED_MEMORY_BYTES) == big
+
+    on_h100 = cuda_check.check_config(problem, VARIANT, big, cuda_check.parse_target("sm_90"))
+    assert on_h100.status == "ok", on_h100.reason
+    on_l4 = cuda_check.check_config(problem, VARIANT, big, cuda_check.parse_target("sm_89"))
+    assert on_l4.status == "unlaunchable" and "shared memory" in on_l4.reason
+
+
 def test_invalid_config_raises_a_clear_error():
     problem = DecodeProblem(batch=2, max_len=20, q_heads=4, kv_heads=1, head_dim=256,
                             dtype="float32")
@@ -259,7 +270,7 @@ def test_invalid_config_raises_a_clear_error():
                                  interpret=True)
     with pytest.raises(ValueError, match="shared memory"):
         kernels.decode_attention(*args, variant=VARIANT, interpret=True, config={
-            "kv_block_size": 64, "num_stages": 4, "num_kv_splits": 1})
+            "kv_block_size": 64, "num_stages": 5, "num_kv_splits": 1})
     with pytest.raises(ValueError, match="unknown tunable"):
         kernels.decode_attention(*args, variant=VARIANT, config={"block_k": 16}, interpret=True)
     decode_args, shape, _ = inputs.prepare_decode(*args)

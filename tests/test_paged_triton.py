@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from attnbench import kernels
-from attnbench.kernels import inputs
+from attnbench.kernels import gpu_limits, inputs
 from attnbench.kernels.paged import triton_paged
 from attnbench.kernels.paged.triton_paged import TritonPagedConfig, heuristic
 from attnbench.kernels.tunables import sample_configs
@@ -198,7 +198,7 @@ def test_invalid_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown tunable"):
         call({"pages_per_block": 2})
     big_head_dim = dataclasses.replace(shape_of(problem), head_dim=512)
-    too_deep = TritonPagedConfig(kv_pages_per_block=1, queries_per_block=16, num_stages=5)
+    too_deep = TritonPagedConfig(kv_pages_per_block=4, queries_per_block=16, num_stages=5)
     assert "shared memory" in (too_deep.invalid_reason(big_head_dim) or "")
 
 
@@ -208,18 +208,38 @@ def test_heuristic_is_valid_for_every_shape():
             itertools.product([1, 2, 8, 16, 32, 128, 256, 512, 12],
                               [(32, 8), (8, 8), (12, 2), (64, 1), (5, 5)], [64, 80, 128, 256],
                               ["float32", "bfloat16"], [(8, 8, 512), (600, 8, 40), (1, 1, 1)])):
-        if heads == (64, 1) and head_dim == 256 and dtype == "float32":
-            # Known gap: the queries of a 64-head float32 D=256 group alone take 64 KiB; no
-            # tile fits the 99 KiB budget without splitting the group across programs.
-            continue
         shape = inputs.PagedShape(
             num_tokens=num_tokens, max_seqs=max_seqs, pages_per_seq=pages_per_seq,
             page_size=page_size, num_pages=100, q_heads=heads[0], kv_heads=heads[1],
             head_dim=head_dim, dtype=dtype)
         config = heuristic(shape)
         assert config.invalid_reason(shape) is None, (shape, config)
+        # Defaults run on every supported GPU, except where no config does: the queries of a
+        # 64-head float32 D=256 group alone take 64 KiB (there it must fit the larger GPUs).
+        budget = (gpu_limits.SHARED_MEMORY_PER_BLOCK_BYTES["sm_80"]
+                  if heads == (64, 1) and head_dim == 256 and dtype == "float32"
+                  else gpu_limits.PORTABLE_SHARED_MEMORY_BYTES)
+        assert config.shared_memory_bytes(shape) <= budget, (shape, config)
         checked += 1
     assert checked > 1000
+
+
+def test_shared_memory_rule_allows_the_largest_gpu_and_the_default_the_smallest():
+    shape = inputs.PagedShape(num_tokens=256, max_seqs=4, pages_per_seq=32, page_size=16,
+                              num_pages=128, q_heads=32, kv_heads=8, head_dim=128,
+                              dtype="bfloat16")
+    # 64 tile rows, 128-key blocks, double-buffered: ~160 KiB, only for A100 and H100.
+    big = TritonPagedConfig(kv_pages_per_block=8, queries_per_block=16, num_warps=8,
+                            num_stages=2)
+    assert (gpu_limits.PORTABLE_SHARED_MEMORY_BYTES < big.shared_memory_bytes(shape)
+            <= gpu_limits.MAX_SHARED_MEMORY_BYTES)
+    assert big.invalid_reason(shape) is None
+    # 256-key blocks: ~304 KiB, more than any GPU has.
+    assert "shared memory" in big.replace(kv_pages_per_block=16).invalid_reason(shape)
+    fitted = triton_paged.fit_resources(big, shape)
+    assert fitted.shared_memory_bytes(shape) <= gpu_limits.PORTABLE_SHARED_MEMORY_BYTES
+    assert fitted.invalid_reason(shape) is None
+    assert triton_paged.fit_resources(big, shape, gpu_limits.MAX_SHARED_MEMORY_BYTES) == big
 
 
 def test_config_rules_follow_the_shape():

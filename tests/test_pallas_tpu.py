@@ -309,3 +309,49 @@ def test_both_lower_for_tpu(dtype):
         paged, spec((40, 8, 128), dtype), spec((64, 16, 4, 128), dtype), spec((8,), i32),
         spec((8, 8), i32), spec((9,), i32), spec((), i32), spec((8,), jnp.float32))
     assert "tpu_custom_call" in module
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_both_compile_for_tpu_with_libtpu(topology):
+    """The full Mosaic compile (layouts, tiling, scoped VMEM), on a CPU host through libtpu's
+    compile-only TPU devices. Skipped where libtpu is not importable; to run it here:
+    `pip install --target DIR libtpu==0.0.42.*` and `PYTHONPATH=DIR pytest ...`."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    device = topologies.get_topology_desc(topology, "tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    i32 = jnp.int32
+    with jax.default_device(device):
+        for dtype in ("float32", "bfloat16", "float16"):
+            for config in (None, decode_tpu.PallasTpuDecodeConfig(128, 4)):
+                def decode(query, key, value, start, end, sinks, config=config):
+                    args, shape, _ = inputs.prepare_decode(
+                        query, key, value, start, end, sliding_window=64,
+                        logits_soft_cap=30.0, sinks=sinks)
+                    chosen = config or decode_tpu.heuristic(shape)
+                    assert chosen.invalid_reason(shape) is None
+                    return decode_tpu.pallas_tpu_decode(args, chosen)
+
+                jax.jit(decode).lower(
+                    spec((2, 8, 128), dtype), spec((2, 1024, 2, 128), dtype),
+                    spec((2, 1024, 2, 128), dtype), spec((2,), i32), spec((2,), i32),
+                    spec((8,), jnp.float32)).compile()
+            for config in (None, paged_tpu.PallasTpuPagedConfig(4, 32)):
+                def paged(queries, kv_pages, context_lens, page_table, query_start_loc,
+                          num_seqs, sinks, config=config):
+                    args, shape = inputs.prepare_paged(
+                        queries, kv_pages, context_lens, page_table, query_start_loc,
+                        num_seqs, sliding_window=64, logits_soft_cap=30.0, sinks=sinks)
+                    chosen = config or paged_tpu.heuristic(shape)
+                    assert chosen.invalid_reason(shape) is None
+                    return paged_tpu.pallas_tpu_paged(args, chosen)
+
+                jax.jit(paged).lower(
+                    spec((40, 8, 128), dtype), spec((64, 16, 4, 128), dtype),
+                    spec((8,), i32), spec((8, 8), i32), spec((9,), i32), spec((), i32),
+                    spec((8,), jnp.float32)).compile()

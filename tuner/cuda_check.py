@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from attnbench.kernels.gpu_limits import SHARED_MEMORY_PER_BLOCK_BYTES
 from attnbench.kernels.platform import lowering_for
 from attnbench.kernels.tunables import KernelConfig
 
@@ -39,12 +40,12 @@ class CudaTarget:
     registers_per_thread: int = 255
 
 
-# Shared memory per block (opt-in maximum) from NVIDIA's CUDA programming guide tables.
+_SHARED = SHARED_MEMORY_PER_BLOCK_BYTES
 TARGETS = {
-    "sm_80": CudaTarget("sm_80", 80, "nvidia-a100", 163 * 1024),
-    "sm_86": CudaTarget("sm_86", 86, "nvidia-a10", 99 * 1024),
-    "sm_89": CudaTarget("sm_89", 89, "nvidia-l4", 99 * 1024),
-    "sm_90": CudaTarget("sm_90", 90, "nvidia-h100", 227 * 1024),
+    "sm_80": CudaTarget("sm_80", 80, "nvidia-a100", _SHARED["sm_80"]),
+    "sm_86": CudaTarget("sm_86", 86, "nvidia-a10", _SHARED["sm_86"]),
+    "sm_89": CudaTarget("sm_89", 89, "nvidia-l4", _SHARED["sm_89"]),
+    "sm_90": CudaTarget("sm_90", 90, "nvidia-h100", _SHARED["sm_90"]),
 }
 
 

@@ -11,29 +11,30 @@ The same launch code (:func:`_run_two_stages`: grids, strides, constexprs) drive
 jax-triton on a GPU or, with ``interpret=True``, Triton's interpreter on torch CPU tensors
 inside a ``jax.pure_callback``; only the two-line ``launch`` functions differ.
 
-Configs are checked against the GPU's limits (shared memory, registers, tl.dot's minimum of
-16 per block dimension); head dims up to 512 (256 in float32) fit, larger ones have no valid
-config and the kernel says so. triton, jax_triton and torch are imported inside functions:
-this module imports without them.
+Configs are checked against the limits of the largest supported GPU (shared memory, see
+:mod:`~attnbench.kernels.gpu_limits`; registers; tl.dot's minimum of 16 per block dimension),
+and the heuristic default against the shared memory every supported GPU has: head dims up to
+512 (256 in float32) get a default that runs anywhere, larger ones get none and the kernel
+says so. Whether a config launches on one GPU is decided by compiling it for that GPU
+(``attnbench check``). triton, jax_triton and torch are imported inside functions: this module
+imports without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .. import triton_interpreter
+from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
 from ..inputs import FEATURES, DecodeArgs, DecodeShape
+from ..triton_interpreter import Launch
 from ..tunables import POWER_OF_TWO, KernelConfig, Rule, one_of, tunable
 from ..variant import Variant
 
-# Shared memory a config may plan on. 99 KiB is the most an sm_86/sm_89 block may opt into
-# (A100: 163 KiB, H100: 227 KiB); keeping under it lets one config run on any of them.
-SHARED_MEMORY_BUDGET_BYTES = 99 * 1024
 # Registers per thread stage 1's tiles may take by `tile_registers_per_thread`'s estimate.
 # Checked against `ptxas -v` (Triton 3.9, sm_90) on 50 configs: none at or under this
 # spilled; ptxas needs about twice the estimate plus ~40 (255 is the hardware cap).
@@ -111,11 +112,11 @@ class TritonSplitKVConfig(KernelConfig):
             return (f"num_kv_splits = {self.num_kv_splits} > {next_power_of_two(max_blocks)}: "
                     f"S = {shape.max_len} has only {max_blocks} blocks of {self.kv_block_size}")
         shared = self.shared_memory_bytes(shape)
-        if shared > SHARED_MEMORY_BUDGET_BYTES:
+        if shared > MAX_SHARED_MEMORY_BYTES:
             return (f"stage 1 needs about {shared} bytes of shared memory (num_stages = "
                     f"{self.num_stages}, kv_block_size = {self.kv_block_size}, head dim "
-                    f"{padded_head_dim(shape.head_dim)}, {shape.dtype}) > the budget of "
-                    f"{SHARED_MEMORY_BUDGET_BYTES}")
+                    f"{padded_head_dim(shape.head_dim)}, {shape.dtype}) > "
+                    f"{MAX_SHARED_MEMORY_BYTES}, the most any supported GPU offers")
         registers = self.tile_registers_per_thread(shape)
         if registers > TILE_REGISTERS_PER_THREAD:
             return (f"stage 1 tiles need about {registers} registers per thread (block_q_heads = "
@@ -137,9 +138,9 @@ class TritonSplitKVConfig(KernelConfig):
 
 def heuristic(shape: DecodeShape) -> TritonSplitKVConfig:
     """A reasonable untuned config: the whole GQA group in one dot, enough programs to fill
-    a large GPU (~132 SMs, two programs each), smaller tiles where D or the dtype is large.
-    Checked with ptxas (sm_90, sm_86) for bfloat16 D = 128, float16 D = 256, float32 D = 80:
-    no spills."""
+    a large GPU (~132 SMs, two programs each), smaller tiles where D or the dtype is large,
+    within the shared memory every supported GPU has. Checked with ptxas (sm_90, sm_86) for
+    bfloat16 D = 128, float16 D = 256, float32 D = 80: no spills."""
     block_q_heads = min(64, max(MIN_DOT_SIZE, next_power_of_two(shape.group_size)))
     head_blocks = -(-shape.group_size // block_q_heads)
     programs_per_split = shape.batch * shape.kv_heads * head_blocks
@@ -153,9 +154,17 @@ def heuristic(shape: DecodeShape) -> TritonSplitKVConfig:
     return fit_resources(config.clamp(shape), shape)
 
 
-def fit_resources(config: TritonSplitKVConfig, shape: DecodeShape) -> TritonSplitKVConfig:
-    """`config` made to fit the shared-memory and register budgets for `shape`: fewer
-    pipeline stages, then smaller KV blocks, more warps, fewer query heads per program."""
+def fit_resources(config: TritonSplitKVConfig, shape: DecodeShape,
+                  shared_memory_budget: int = PORTABLE_SHARED_MEMORY_BYTES) -> TritonSplitKVConfig:
+    """`config` made valid for `shape` and within `shared_memory_budget` (by default what every
+    supported GPU offers) where it can be: fewer pipeline stages, then smaller KV blocks, more
+    warps, fewer query heads per program. Where no step gets under the budget the result is
+    still valid, for the GPUs with more shared memory."""
+
+    def fits(c: TritonSplitKVConfig) -> bool:
+        return (c.invalid_reason(shape) is None
+                and c.shared_memory_bytes(shape) <= shared_memory_budget)
+
     steps = (("num_stages", lambda c: c.num_stages > 1, lambda c: c.num_stages - 1),
              ("kv_block_size", lambda c: c.kv_block_size > MIN_DOT_SIZE,
               lambda c: c.kv_block_size // 2),
@@ -163,7 +172,7 @@ def fit_resources(config: TritonSplitKVConfig, shape: DecodeShape) -> TritonSpli
              ("block_q_heads", lambda c: c.block_q_heads > MIN_DOT_SIZE,
               lambda c: c.block_q_heads // 2))
     for name, can_change, change in steps:
-        while config.invalid_reason(shape) is not None and can_change(config):
+        while not fits(config) and can_change(config):
             config = config.replace(**{name: change(config)})
     return config
 
@@ -233,11 +242,6 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
     )
 
 
-# A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend), then the
-# outputs, each given as (shape, dtype name), filled with NaN first; it returns the outputs.
-Launch = Callable[..., tuple]
-
-
 def _run_two_stages(launch: Launch, plan: LaunchPlan, kernels, query, key, value, start, end,
                     sinks):
     partial_kernel, merge_kernel = kernels
@@ -265,58 +269,17 @@ def _gpu_launch(compute_capability: int | None) -> Launch:
     return launch
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16, "int32": torch.int32}[name]
-
-
-def _to_torch(array: np.ndarray):
-    import torch
-
-    array = np.ascontiguousarray(array)
-    if array.dtype == jnp.bfloat16:  # numpy has no bfloat16 torch can read: pass the bits
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-    return tensor.numpy()
-
-
-def _interpreter_launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
-    import torch
-
-    outputs = [torch.full(shape, float("nan"), dtype=_torch_dtype(dtype))
-               for shape, dtype in out_shapes]
-    # Each output twice: once as the aliased poisoned input jax-triton would pass, once as
-    # the output itself (the same buffer, as under input_output_aliases).
-    kernel[grid](*inputs, *outputs, *outputs, num_warps=num_warps, num_stages=num_stages,
-                 **constants)
-    return tuple(outputs)
-
-
 def _interpreted(plan: LaunchPlan, args: DecodeArgs, query, sinks) -> jax.Array:
-    from .triton_splitkv_kernels import compiled_kernels, interpreter_scope
+    from .triton_splitkv_kernels import compiled_kernels
 
     kernels = compiled_kernels(interpret=True)
 
-    def on_host(*arrays):
-        # Copies: torch wants writable buffers and the callback's arrays may be read-only.
-        tensors = [_to_torch(np.array(a)) for a in arrays]
-        with interpreter_scope():
-            out = _run_two_stages(_interpreter_launch, plan, kernels, *tensors)
-        return _to_numpy(out)
+    def run(launch: Launch, *tensors):
+        return _run_two_stages(launch, plan, kernels, *tensors)
 
-    shape, dtype = plan.out_shape
-    return jax.pure_callback(
-        on_host, jax.ShapeDtypeStruct(shape, dtype), query, args.key, args.value,
-        args.sequence_start, args.sequence_end, sinks)
+    return triton_interpreter.call_interpreted(
+        run, plan.out_shape, query, args.key, args.value, args.sequence_start,
+        args.sequence_end, sinks)
 
 
 def decode_attention_triton(args: DecodeArgs, config: TritonSplitKVConfig, *,

@@ -1,12 +1,8 @@
 """The triton.language kernels of the split-KV decode variant (imported lazily: needs triton).
 
 The kernel bodies below are plain functions; :func:`compiled_kernels` wraps them with
-``triton.jit`` once for GPUs and once for Triton's CPU interpreter. Whether ``triton.jit``
-builds an interpreted function is decided by ``TRITON_INTERPRET`` when it runs, not when the
-kernel is launched, so the two wrappings are made under the matching setting and cached.
-The same holds for triton.language's own ``@jit`` helpers (``tl.max``, ``tl.sum``,
-``tl.cdiv``), built when triton was imported: interpreted launches run inside
-:func:`interpreter_scope`, which stands interpreted twins in for them.
+``triton.jit`` once for GPUs and once for Triton's CPU interpreter
+(:mod:`attnbench.kernels.triton_interpreter`).
 
 Logits are kept in base 2 (scaled by log2(e)) so the softmax uses exp2, which is one
 hardware instruction on NVIDIA GPUs; the running max written out by stage 1 is in base 2 too.
@@ -14,11 +10,9 @@ hardware instruction on NVIDIA GPUs; the running max written out by stage 1 is i
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
-import triton
 import triton.language as tl
+
+from ..triton_interpreter import jit_kernel
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels read no other globals
 
@@ -162,86 +156,8 @@ def splitkv_merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + dim, out, mask=dim_is_real)
 
 
-@functools.cache
 def compiled_kernels(interpret: bool):
-    """(stage 1, stage 2) wrapped by triton.jit: for GPUs, or for the CPU interpreter."""
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        return triton.jit(splitkv_partial_kernel), triton.jit(splitkv_merge_kernel)
-
-
-def _bfloat16_as_float32(handle):
-    """A bfloat16 interpreter tensor handle (stored as uint16 bits) widened, exactly, to f32."""
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-
-    if handle.dtype != tl.bfloat16:
-        return handle
-    return TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-
-def _scoped_twin(helper):
-    """An interpreted twin of the ``@jit`` helper `helper` that undoes its own patching.
-
-    triton's InterpretedFunction, called from a kernel, patches the modules its function
-    sees (tl.core, the tensor class) for the interpreter and never restores them; with
-    TRITON_INTERPRET set for the whole process that is harmless, here it would leave
-    ``tensor.__add__`` calling the interpreter when a GPU kernel is compiled later.
-    """
-    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
-
-    class ScopedTwin(InterpretedFunction):
-        def __call__(self, *args, **kwargs):
-            scope = _patch_lang(self.fn)
-            try:
-                return self.rewrite()(*args, **kwargs)
-            finally:
-                scope.restore()
-
-    return ScopedTwin(helper.fn)
-
-
-@contextlib.contextmanager
-def interpreter_scope():
-    """Makes Triton's interpreter able to run these kernels while it is open.
-
-    1. Triton's interpreter can only call helpers built while TRITON_INTERPRET was set; in a
-       process that imported triton without it (any process that may also compile for a
-       GPU), each of triton.language's ``@jit`` helpers is swapped for an interpreted twin
-       of the same function. One twin per helper, so the interpreter's identity checks
-       (``combine_fn is tl.standard._elementwise_max``, which pick its numpy fast paths)
-       still hold.
-    2. The interpreter's ``tl.dot`` multiplies bfloat16 operands as their raw uint16 bits
-       (triton 3.9); they are widened to float32 first, exactly, which is what a GPU's
-       bfloat16 MMA with float32 accumulation computes.
-    Everything is put back on exit, so GPU compilation in the same process is unaffected.
-    """
-    from triton.runtime.interpreter import interpreter_builder
-    from triton.runtime.jit import JITFunction
-
-    # Launching imports gluon on first use, and gluon refuses to import while the helpers
-    # are swapped: import it first.
-    import triton.experimental.gluon  # noqa: F401
-
-    twins = {}
-    saved = []
-    for module in (tl, tl.standard, tl.math):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                if id(value) not in twins:
-                    twins[id(value)] = _scoped_twin(value)
-                saved.append((module, name, value))
-                setattr(module, name, twins[id(value)])
-    interpreted_dot = interpreter_builder.create_dot
-
-    def widening_dot(a, b, accumulator, *rest):
-        return interpreted_dot(_bfloat16_as_float32(a), _bfloat16_as_float32(b), accumulator,
-                               *rest)
-
-    interpreter_builder.create_dot = widening_dot
-    try:
-        yield
-    finally:
-        del interpreter_builder.create_dot  # the instance attribute; the class's shows again
-        for module, name, value in saved:
-            setattr(module, name, value)
+    """(stage 1, stage 2) wrapped by triton.jit: for GPUs, or for the CPU interpreter (launch
+    those inside :func:`attnbench.kernels.triton_interpreter.interpreter_scope`)."""
+    return (jit_kernel(splitkv_partial_kernel, interpret),
+            jit_kernel(splitkv_merge_kernel, interpret))

@@ -1,11 +1,12 @@
 """decode_attention as blocked flash-decoding in plain XLA, reading only the blocks it needs.
 
 The valid keys of every row (``[start, end)`` cut by the window) are covered by KV blocks of
-``kv_block_size`` positions. All rows' needed blocks form one work list; a while loop with a
-dynamic trip count takes ``blocks_per_step`` of them at a time (gathered from the cache by
-(row, block)), computes each block's partial softmax ``(max, sum, out)`` and files it. The
-partials of each row are merged at the end. A batch of short rows therefore costs its blocks,
-not the full cache, and the work stays balanced however ragged the lengths are.
+``kv_block_size`` positions. All rows' needed blocks form one work list, cut into
+``num_kv_splits`` independent parts; each part is a while loop with a dynamic trip count that
+slices ``blocks_per_step`` blocks at a time out of the cache by (row, block), computes each
+block's partial softmax ``(max, sum, out)`` and files it under (row, block). The partials of
+each row are merged at the end. A batch of short rows therefore costs its blocks, not the
+full cache, and the work stays balanced however ragged the lengths are.
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ class XlaBlockedConfig(KernelConfig):
         512, (64, 128, 256, 512, 1024, 2048), POWER_OF_TWO,
         "cache positions per KV block (the unit of skipping and of partial softmax)")
     blocks_per_step: int = tunable(
-        2, (1, 2, 4, 8), POSITIVE_INT,
+        1, (1, 2, 4, 8), POSITIVE_INT,
         "KV blocks (of any rows) computed in one loop step; more amortizes the per-step cost")
     contraction: str = tunable(
         "fused_reduce", CONTRACTIONS, one_of(*CONTRACTIONS),
         "how q.k and p.v are written: fused_reduce multiplies and reduces over the cache "
         "layout as is; head_major_dot copies each block head-major and uses batched dots; "
-        "block_diagonal_dot uses one dot over all heads (Hkv times the flops, no copy)")
+        "block_diagonal_dot uses one dot over all heads (Hkv times the flops, no transpose)")
     num_kv_splits: int = tunable(
         2, (1, 2, 4), POSITIVE_INT,
         "independent parts of the work list, each its own loop with its own partials, "
         "merged at the end (parallel work for XLA's runtime)")
     slice_as_bits: bool = tunable(
-        True, (True, False), BOOL,
+        False, (False, True), BOOL,
         "slice blocks out of the cache as same-width unsigned ints, so XLA's CPU backend "
         "copies them as 16-bit words instead of widening bfloat16/float16 to float32 first")
 

@@ -21,20 +21,18 @@ triton, jax_triton and torch are imported inside functions: this module imports 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .. import triton_interpreter
+from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
 from ..inputs import FEATURES, PagedArgs, PagedShape
+from ..triton_interpreter import Launch
 from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 
-# Shared memory a config may plan on. 99 KiB is the most an sm_86/sm_89 block may opt into
-# (A100: 163 KiB, H100: 227 KiB); keeping under it lets one config run on any of them.
-SHARED_MEMORY_BUDGET_BYTES = 99 * 1024
 # 32-bit registers per thread the two big tiles (accumulator and logits) may take; 255 is the
 # hardware cap and the rest of the kernel needs room, past this ptxas spills.
 TILE_REGISTERS_PER_THREAD = 128
@@ -161,11 +159,11 @@ class TritonPagedConfig(KernelConfig):
                     f"has at most {max_blocks} key blocks of {self.kv_tokens_per_block(shape)} "
                     "tokens")
         shared = self.shared_memory_bytes(shape)
-        if shared > SHARED_MEMORY_BUDGET_BYTES:
+        if shared > MAX_SHARED_MEMORY_BYTES:
             return (f"needs about {shared} bytes of shared memory (num_stages = "
                     f"{self.num_stages}, key block {kv_block}, {rows} tile rows, head dim "
-                    f"{padded_head_dim(shape.head_dim)}, {shape.dtype}) > the budget of "
-                    f"{SHARED_MEMORY_BUDGET_BYTES}")
+                    f"{padded_head_dim(shape.head_dim)}, {shape.dtype}) > "
+                    f"{MAX_SHARED_MEMORY_BYTES}, the most any supported GPU offers")
         registers = self.tile_registers_per_thread(shape)
         if registers > TILE_REGISTERS_PER_THREAD:
             return (f"tiles need about {registers} registers per thread ({rows} tile rows, key "
@@ -187,7 +185,9 @@ class TritonPagedConfig(KernelConfig):
 def heuristic(shape: PagedShape) -> TritonPagedConfig:
     """A reasonable untuned config. Decode-like batches (T <= max_seqs) take the fewest query
     tokens that fill 16 dot rows and split KV until ~2 programs per H100 SM; prefill-heavy
-    ones take ~64 rows per tile. Key blocks of ~64 tokens (32 for D > 128)."""
+    ones take ~64 rows per tile. Key blocks of ~64 tokens (32 for D > 128). Kept within the
+    shared memory every supported GPU has where possible; a float32 D = 256 group of 64 query
+    heads is not (its queries alone take 64 KiB) and gets a config for the larger GPUs."""
     decode_like = shape.num_tokens <= shape.max_seqs
     group = padded_group(shape)
     queries = min_queries_per_block(shape)
@@ -205,9 +205,17 @@ def heuristic(shape: PagedShape) -> TritonPagedConfig:
     return fit_resources(config.clamp(shape), shape)
 
 
-def fit_resources(config: TritonPagedConfig, shape: PagedShape) -> TritonPagedConfig:
-    """`config` made valid for `shape` where it can be: fewer pipeline stages, more warps,
-    smaller key blocks (fewer pages, then parts of a page), fewer query tokens per block."""
+def fit_resources(config: TritonPagedConfig, shape: PagedShape,
+                  shared_memory_budget: int = PORTABLE_SHARED_MEMORY_BYTES) -> TritonPagedConfig:
+    """`config` made valid for `shape` and within `shared_memory_budget` (by default what every
+    supported GPU offers) where it can be: fewer pipeline stages, more warps, smaller key
+    blocks (fewer pages, then parts of a page), fewer query tokens per block. Where no step
+    gets under the budget the result is still valid, for the GPUs with more shared memory."""
+
+    def fits(c: TritonPagedConfig) -> bool:
+        return (c.invalid_reason(shape) is None
+                and c.shared_memory_bytes(shape) <= shared_memory_budget)
+
     smallest_pages = min_kv_pages_per_block(shape)
     smallest_queries = min_queries_per_block(shape)
     steps = (
@@ -222,7 +230,7 @@ def fit_resources(config: TritonPagedConfig, shape: PagedShape) -> TritonPagedCo
          lambda c: c.replace(queries_per_block=c.queries_per_block // 2)),
     )
     for can_change, change in steps:
-        while config.invalid_reason(shape) is not None and can_change(config):
+        while not fits(config) and can_change(config):
             config = change(config).clamp(shape)
     return config
 
@@ -298,11 +306,6 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
     )
 
 
-# A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend), then the
-# outputs, each given as (shape, dtype name) and filled with NaN first; returns the outputs.
-Launch = Callable[..., tuple]
-
-
 def _run(launch: Launch, plan: LaunchPlan, kernels, queries, kv_pages, context_lens, page_table,
          query_start_loc, num_seqs, sinks):
     attention_kernel, combine_kernel = kernels
@@ -336,42 +339,6 @@ def _gpu_launch(compute_capability: int | None) -> Launch:
     return launch
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16, "int32": torch.int32}[name]
-
-
-def _to_torch(array: np.ndarray):
-    import torch
-
-    array = np.array(array, order="C")  # a writable copy: the kernel writes its outputs
-    if array.dtype == jnp.bfloat16:  # torch cannot read numpy's bfloat16: pass the bits
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-    return tensor.numpy()
-
-
-def _interpreter_launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
-    import torch
-
-    outputs = [torch.full(shape, float("nan"), dtype=_torch_dtype(dtype))
-               for shape, dtype in out_shapes]
-    # Each output twice: once as the aliased poisoned input jax-triton would pass, once as
-    # the output itself (the same buffer, as under input_output_aliases).
-    kernel[grid](*inputs, *outputs, *outputs, num_warps=num_warps, num_stages=num_stages,
-                 **constants)
-    return tuple(outputs)
-
-
 def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
                                   interpret: bool = False,
                                   compute_capability: int | None = None) -> jax.Array:
@@ -385,7 +352,7 @@ def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
     sinks = args.sinks if args.sinks is not None else jnp.zeros((1,), jnp.float32)
     arrays = (args.queries, args.kv_pages, args.context_lens, args.page_table,
               args.query_start_loc, args.num_seqs.reshape(1), sinks)
-    from .triton_paged_kernels import compiled_kernels, interpreter_scope
+    from .triton_paged_kernels import compiled_kernels
 
     if not interpret:
         return _run(_gpu_launch(compute_capability), plan, compiled_kernels(interpret=False),
@@ -393,13 +360,10 @@ def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
 
     kernels = compiled_kernels(interpret=True)
 
-    def on_host(*host_arrays):
-        tensors = [_to_torch(np.asarray(a)) for a in host_arrays]
-        with interpreter_scope():
-            return _to_numpy(_run(_interpreter_launch, plan, kernels, *tensors))
+    def run(launch: Launch, *tensors):
+        return _run(launch, plan, kernels, *tensors)
 
-    shape, dtype = plan.out_shape
-    return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, dtype), *arrays)
+    return triton_interpreter.call_interpreted(run, plan.out_shape, *arrays)
 
 
 VARIANT = Variant(

@@ -1,9 +1,8 @@
 """The triton.language kernels of the Triton ragged paged attention variant (imported lazily).
 
 The kernel bodies are plain functions; :func:`compiled_kernels` wraps them once with
-``triton.jit`` for GPUs and once as Triton interpreter functions for CPUs. ``triton.jit``
-decides between the two from ``TRITON_INTERPRET`` when it runs, so the interpreted wrapping
-is built directly (``InterpretedFunction``) instead of by flipping the environment.
+``triton.jit`` for GPUs and once for Triton's CPU interpreter
+(:mod:`attnbench.kernels.triton_interpreter`).
 
 Work split: one attention program per (query block, KV head[, KV split]). A query block is up
 to QUERIES_PER_BLOCK consecutive query tokens of ONE sequence; its tile rows are
@@ -20,11 +19,9 @@ Logits are kept in base 2 (scaled by log2(e)) so the softmax uses exp2.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
-import triton
 import triton.language as tl
+
+from ..triton_interpreter import jit_kernel
 
 # log2(e) as a constexpr: Triton kernels may only read globals that are constexprs.
 LOG2_E = tl.constexpr(1.4426950408889634)
@@ -267,76 +264,11 @@ def combine_splits_kernel(
              mask=dim_is_real)
 
 
-@functools.cache
 def compiled_kernels(interpret: bool):
     """(attention kernel, split combine kernel), for GPUs or for Triton's CPU interpreter.
 
-    Launch interpreted kernels inside :func:`interpreter_scope`.
+    Launch interpreted kernels inside
+    :func:`attnbench.kernels.triton_interpreter.interpreter_scope`.
     """
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return (InterpretedFunction(paged_attention_kernel),
-                InterpretedFunction(combine_splits_kernel))
-    return (triton.jit(paged_attention_kernel), triton.jit(combine_splits_kernel))
-
-
-def _widened_bfloat16(handle):
-    """A bfloat16 interpreter tensor as float32 (exact: bfloat16 is float32's top 16 bits)."""
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-
-    if handle.dtype.scalar != tl.bfloat16:
-        return handle
-    widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
-    return TensorHandle(widened, tl.float32)
-
-
-@contextlib.contextmanager
-def interpreter_scope():
-    """Makes Triton's interpreter (triton 3.9) able to run these kernels while it is open.
-
-    1. The interpreter only runs helpers built while TRITON_INTERPRET was set, and in a
-       process that may also compile for a GPU triton.language was imported without it. So
-       each of triton.language's ``@jit`` helpers (tl.sum, tl.max, tl.cdiv) is swapped for
-       one interpreted twin until exit (one per helper: the interpreter picks its numpy fast
-       paths by identity, ``combine_fn is tl.standard._elementwise_max``).
-    2. The interpreter's ``tl.dot`` multiplies bfloat16 operands as their raw uint16 bits; they
-       are widened to float32 first, which is what a bfloat16 MMA with float32 accumulation
-       computes.
-    3. An interpreted helper call patches triton.language's builtins with interpreter ones
-       and never puts them back, which breaks every later GPU compile in the process. The
-       builtins of tl and tl.core are saved here and put back on exit.
-    """
-    import types
-
-    from triton.runtime.interpreter import (InterpretedFunction, _patch_lang,
-                                            interpreter_builder)
-    from triton.runtime.jit import JITFunction
-
-    # The first interpreted launch imports gluon, which refuses to import while the helpers
-    # are swapped: import it now.
-    import triton.experimental.gluon  # noqa: F401
-
-    # Patching both modules now records their true builtins; restoring puts those back.
-    language_patches = _patch_lang(types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core}))
-    twins: dict[int, InterpretedFunction] = {}
-    swapped = []
-    for module in (tl, tl.standard, tl.math):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                swapped.append((module, name, value))
-                setattr(module, name, twins.setdefault(id(value), InterpretedFunction(value.fn)))
-    class_dot = interpreter_builder.create_dot
-
-    def widening_dot(a, b, accumulator, *rest):
-        return class_dot(_widened_bfloat16(a), _widened_bfloat16(b), accumulator, *rest)
-
-    interpreter_builder.create_dot = widening_dot
-    try:
-        yield
-    finally:
-        del interpreter_builder.create_dot  # the instance attribute: the class's shows again
-        for module, name, value in swapped:
-            setattr(module, name, value)
-        language_patches.restore()
+    return (jit_kernel(paged_attention_kernel, interpret),
+            jit_kernel(combine_splits_kernel, interpret))

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
-from ..tunables import POWER_OF_TWO, KernelConfig, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked
-from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, Softmax, block_scores, cdiv, empty_softmax,
+from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, MAX_SLICED_PAGES, PAGE_COPIES, Softmax, block_scores, cdiv, empty_softmax,
                           floor_pow2, gather_kv_block, loop_variant, sequence_layout,
                           softmax_finish, softmax_update)
 
@@ -39,8 +39,15 @@ class XlaDecodeConfig(KernelConfig):
     prefill_queries_per_block: int = tunable(
         64, (8, 32, 64, 128), POWER_OF_TWO,
         "queries_per_block of the xla_blocked kernel that batches with prefill rows take")
+    page_copy: str = tunable(
+        "slices", PAGE_COPIES, one_of(*PAGE_COPIES),
+        "how pages are copied out of the cache: one dynamic slice per page, or one gather")
 
     def invalid_reason(self, shape: PagedShape) -> str | None:
+        pages_per_step = self.blocks_per_step * self.kv_pages_per_block
+        if self.page_copy == "slices" and pages_per_step > MAX_SLICED_PAGES:
+            return (f"page_copy 'slices' takes at most {MAX_SLICED_PAGES} pages per step, got "
+                    f"blocks_per_step x kv_pages_per_block = {pages_per_step}")
         if self.kv_pages_per_block > floor_pow2(shape.pages_per_seq):
             return (f"kv_pages_per_block {self.kv_pages_per_block} exceeds pages_per_seq "
                     f"{shape.pages_per_seq} (rounded down to a power of two)")
@@ -77,15 +84,18 @@ def fallback_config(config: XlaDecodeConfig, num_tokens: int) -> xla_blocked.Xla
     """The xla_blocked config that batches with prefill rows run with."""
     return xla_blocked.XlaBlockedConfig(
         kv_pages_per_block=config.kv_pages_per_block,
-        queries_per_block=min(config.prefill_queries_per_block, floor_pow2(num_tokens)))
+        queries_per_block=min(config.prefill_queries_per_block, floor_pow2(num_tokens)),
+        page_copy=config.page_copy)
 
 
 def heuristic(shape: PagedShape) -> XlaDecodeConfig:
-    """About 512 cache positions per block, two blocks per step (measured best on CPU)."""
+    """About 512 cache positions (at most 128 pages) per block, two blocks per step, pages
+    copied as slices: the fastest measured on CPU."""
     return XlaDecodeConfig(
-        kv_pages_per_block=floor_pow2(max(512 // shape.page_size, 1)),
+        kv_pages_per_block=min(floor_pow2(max(512 // shape.page_size, 1)), 128),
         blocks_per_step=2,
         prefill_queries_per_block=64,
+        page_copy="slices",
     ).clamp(shape)
 
 
@@ -141,7 +151,7 @@ def _decode_step(args: PagedArgs, config: XlaDecodeConfig, layout) -> jax.Array:
         logical = jnp.clip(jnp.minimum(logical, last_page[safe_seq][:, None]), 0,
                            pages_per_seq - 1)
         page_ids = jnp.clip(args.page_table[safe_seq[:, None], logical], 0, num_pages - 1)
-        keys, values = gather_kv_block(kv_pages, page_ids)  # [W, Hkv, block_len, D]
+        keys, values = gather_kv_block(kv_pages, page_ids, config.page_copy)
         scores = block_scores(args, queries[safe_seq], keys)  # [W, Hkv, G, block_len]
         key_position = block_first_page[:, None] * page_size + jnp.arange(block_len)
         valid = ((key_position < layout.context[safe_seq][:, None])
