@@ -335,6 +335,45 @@ def merge(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (from attnbench sweep or merge)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write (default RUN_DIR/report)."),
+) -> None:
+    """Write summary.md, PNG plots and an offline index.html for one sweep run."""
+    from attnbench.tuner.report import ReportError, write_report
+
+    try:
+        result = write_report(run_dir, out, echo=typer.echo)
+    except ReportError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {len(result.files)} files into {result.out}; open "
+               f"{result.out / 'index.html'}")
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="The baseline: a run folder or a tuned table (.json)."),
+    b: Path = typer.Argument(..., help="The candidate: a run folder or a tuned table (.json)."),
+    threshold: str = typer.Option("5%", help="Slowdown that counts as a regression, e.g. 5%."),
+) -> None:
+    """Compare B's winners with A's; exit code 1 when B regressed (for CI)."""
+    from attnbench.tuner.compare import CompareError, compare_paths, parse_threshold
+
+    try:
+        limit = parse_threshold(threshold)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--threshold") from None
+    try:
+        comparison = compare_paths(a, b, limit, echo=typer.echo)
+    except CompareError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    if comparison.regressed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     _prefer_cpu_without_accelerator()
     app()

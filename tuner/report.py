@@ -200,7 +200,8 @@ def summarize_problems(run: Run) -> list[ProblemSummary]:
             name = _canonical([entry.variant, entry.config])
             winner = next((r for r in latest if _candidate(r) == name and r["status"] == "ok"),
                           None)
-        untuned_name = registry.DEFAULT_VARIANT.get((sample["op"], run.platform))
+        untuned_name = run.meta.get("default_variants", {}).get(
+            sample["op"], registry.DEFAULT_VARIANT.get((sample["op"], run.platform)))
         untuned = next((r for r in latest if r["variant"] == untuned_name and r.get("is_default")
                         and r["status"] == "ok"), None)
         summaries.append(ProblemSummary(sample["op"], problem_id, sample.get("problem", problem_id),
@@ -274,6 +275,16 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _title(figure, text: str) -> None:
+    """The figure's title, each line wrapped to the figure's width (a title wider than the
+    figure would be cut off at both edges)."""
+    import textwrap
+
+    width = int(figure.get_figwidth() * 13)
+    lines = [part for line in text.splitlines() for part in textwrap.wrap(line, width) or [""]]
+    figure.suptitle("\n".join(lines), fontsize=9)
+
+
 def _short(label: str, width: int = 60) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
@@ -288,6 +299,8 @@ def _colors(names: list[str]) -> dict[str, Any]:
 def plot_sorted_times(run: Run, summaries: list[ProblemSummary], out: Path) -> list[Path]:
     """Per problem, every correct config's median (p20-p80 bars), fastest first; the winner
     and each variant's default marked. Nine problems per PNG, one set per op."""
+    from matplotlib.ticker import MaxNLocator
+
     paths = []
     for op in sorted({s.op for s in summaries}):
         chosen = [s for s in summaries if s.op == op and any(r["status"] == "ok" for r in s.records)]
@@ -320,6 +333,7 @@ def plot_sorted_times(run: Run, summaries: list[ProblemSummary], out: Path) -> l
                                  color="red", edgecolors="black", linewidths=0.6,
                                  label=f"winner ({summary.winner['variant']})", zorder=5)
                 axis.set_yscale("log")
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
                 axis.set_xlabel("configs, fastest first (rank)")
                 axis.set_ylabel("median time (µs), bars p20–p80")
                 axis.set_title(_short(summary.label, 56), fontsize=9)
@@ -327,8 +341,8 @@ def plot_sorted_times(run: Run, summaries: list[ProblemSummary], out: Path) -> l
                 axis.legend(fontsize=7, loc="upper left")
             for axis in list(axes.flat)[len(group):]:
                 axis.set_visible(False)
-            figure.suptitle(f"{op}: time of every correct config per problem\n"
-                            f"{plot_subtitle(run, ok_records)}", fontsize=10)
+            _title(figure, f"{op}: time of every correct config per problem\n"
+                           f"{plot_subtitle(run, ok_records)}")
             suffix = f"_{page // _PROBLEMS_PER_FIGURE + 1}" if len(chosen) > _PROBLEMS_PER_FIGURE else ""
             paths.append(_save(figure, out / f"times_{op}{suffix}.png"))
     return paths
@@ -396,8 +410,8 @@ def heatmap_grid(records: list[dict[str, Any]], rows_name: str, columns_name: st
                       if (i, j) in cells]
             if ratios:
                 grid[i][j] = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-    unit = ("median time (µs), best over other tunables" if len(problems) == 1 else
-            f"time / variant's best (×), geomean over {len(problems)} problems")
+    unit = ("median time (µs)" if len(problems) == 1 else
+            f"time / best (×), geomean of {len(problems)} problems")
     return rows, columns, grid, unit
 
 
@@ -421,8 +435,8 @@ def plot_heatmaps(run: Run, out: Path) -> tuple[list[Path], list[str]]:
             continue
         rows, columns, grid, unit = heatmap_grid(records, *names)
         values = np.array(grid, dtype=float)
-        figure, axes = _figure(1, 1, max(5.0, 1.0 + 0.9 * len(columns)),
-                               max(3.6, 1.6 + 0.5 * len(rows)))
+        figure, axes = _figure(1, 1, max(6.5, 2.0 + 0.9 * len(columns)),
+                               max(4.0, 2.0 + 0.5 * len(rows)))
         axis = axes[0, 0]
         image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis_r", aspect="auto")
         axis.set_xticks(range(len(columns)), [str(c) for c in columns])
@@ -442,8 +456,9 @@ def plot_heatmaps(run: Run, out: Path) -> tuple[list[Path], list[str]]:
             best = np.unravel_index(np.nanargmin(values), values.shape)
             axis.add_patch(_best_box(best))
         figure.colorbar(image, ax=axis, label=unit)
-        axis.set_title(f"{op}/{variant}: {names[0]} × {names[1]} on {family}\n"
-                       f"{plot_subtitle(run, records)}", fontsize=9)
+        _title(figure, f"{op}/{variant}: {names[0]} × {names[1]} on {family} (each cell: the "
+                       f"best over the other tunables; red box: best cell)\n"
+                       f"{plot_subtitle(run, records)}")
         paths.append(_save(figure, out / f"heatmap_{op}_{variant}_{_slug(family)}.png"))
     return paths, notes
 
@@ -461,7 +476,7 @@ def plot_bandwidth(run: Run, summaries: list[ProblemSummary], out: Path) -> Path
     chosen = [s for s in summaries if s.gigabytes_per_s is not None]
     if not chosen:
         return None
-    figure, axes = _figure(1, 1, 9.0, 1.8 + 0.38 * len(chosen))
+    figure, axes = _figure(1, 1, 12.0, 2.0 + 0.38 * len(chosen))
     axis = axes[0, 0]
     places = list(range(len(chosen)))[::-1]
     axis.barh(places, [s.gigabytes_per_s for s in chosen], color="tab:blue",
@@ -474,13 +489,13 @@ def plot_bandwidth(run: Run, summaries: list[ProblemSummary], out: Path) -> Path
     if run.bandwidth:
         axis.axvline(run.bandwidth / 1e9, color="red", ls="--",
                      label=f"measured read bandwidth {run.bandwidth / 1e9:.1f} GB/s")
-    axis.set_yticks(places, [_short(f"{s.label} [{s.winner['variant']}]", 70) for s in chosen],
+    axis.set_yticks(places, [_short(f"{s.label} [{s.winner['variant']}]", 90) for s in chosen],
                     fontsize=8)
     axis.set_xlabel("achieved bandwidth (GB/s) = bytes that must be read / median time")
     axis.grid(True, axis="x", alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
-    axis.set_title("achieved bandwidth of the winner per problem vs the memory roofline\n"
-                   f"{plot_subtitle(run, [s.winner for s in chosen])}", fontsize=10)
+    _title(figure, "achieved bandwidth of the winner per problem vs the memory roofline\n"
+                   f"{plot_subtitle(run, [s.winner for s in chosen])}")
     return _save(figure, out / "bandwidth.png")
 
 
@@ -535,9 +550,8 @@ def plot_speedup(run: Run, summaries: list[ProblemSummary], out: Path) -> Path |
         axis.set_title(op, fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle("speedup of the tuned config over the untuned default\n"
-                    f"{plot_subtitle(run, [s.winner for s in summaries if s.winner])}",
-                    fontsize=10)
+    _title(figure, "speedup of the tuned config over the untuned default\n"
+                   f"{plot_subtitle(run, [s.winner for s in summaries if s.winner])}")
     return _save(figure, out / "speedup.png")
 
 

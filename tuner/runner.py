@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnbench.kernels import registry
 from attnbench.kernels.table import key_text, make_key
 
 from . import records as run_files
@@ -438,6 +439,10 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
     shutil.copyfile(sweep_path, run_dir / run_files.SWEEP_COPY)
     run = {"run_id": run_id, "sweep_name": spec.name, "sweep_file": str(sweep_path),
            "sweep_sha256": spec.sha256, "device_kind": kind, "shard": list(shard),
+           # The untuned choice at sweep time: reports measure speedups against it, and the
+           # registry's defaults may change after the run.
+           "default_variants": {op: registry.DEFAULT_VARIANT.get((op, environment["platform"]))
+                                for op in ("decode", "paged")},
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     run_files.write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
     run_files.write_json_atomic(run_dir / run_files.RUN_FILE, run)
