@@ -23,7 +23,7 @@ def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret:
         return operator(*a, variant=variant, config=config_dict, interpret=interpret, **kwargs)
 
     out = jax.block_until_ready((jax.jit(call) if jit else call)(*args))
-    reference = operator(*args, variant="reference", **kwargs)
+    reference = jax.jit(lambda *a: operator(*a, variant="reference", **kwargs))(*args)
     accuracy = compare(out, reference, problem.dtype)
     assert accuracy.ok, (
         f"{problem.op}/{variant} config={config_dict} seed={seed} on {problem}: {accuracy.reason}")

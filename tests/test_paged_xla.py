@@ -144,7 +144,9 @@ def test_prefill_chunk_starting_mid_page_and_empty_sequences(variant):
     # at a page boundary, a decode row, a sequence with keys but no query row, and a
     # sequence with no keys at all, whose row must give zeros.
     batch = FixedBatch(sequences=((13, 6), (8, 4), (21, 1), (9, 0), (0, 0), (24, 24)))
-    for index, config in enumerate(_configs(variant, batch, 1, 5)):
+    default, *sampled = _configs(variant, batch, 1, 5)
+    other_copy = "heads" if default.page_copy == "pages" else "pages"
+    for index, config in enumerate([default, default.replace(page_copy=other_copy), *sampled]):
         run_and_compare(batch, variant, config, seed=index)
 
 
@@ -230,6 +232,7 @@ def test_heuristic_is_valid_for_many_shapes(variant):
 
 
 def test_registered_with_the_whole_contract():
+    assert registry.DEFAULT_VARIANT[("paged", "cpu")] in VARIANTS
     for name in VARIANTS:
         v = registry.get_variant("paged", name)
         assert v.features == frozenset({"sliding_window", "logits_soft_cap", "sinks"})

@@ -30,11 +30,7 @@ from ..variant import Variant
 # this many elements stops fitting any cache and only costs memory.
 MAX_SCORE_BLOCK_ELEMENTS = 1 << 22
 
-PAGE_COPIES = ("slices", "gather")
-
-# "slices" writes one dynamic slice per page into the program: past this many pages per
-# step, compile time grows for no speed.
-MAX_SLICED_PAGES = 256
+PAGE_COPIES = ("pages", "heads")
 
 
 def floor_pow2(n: int) -> int:
@@ -51,14 +47,10 @@ class XlaBlockedConfig(KernelConfig):
         64, (1, 8, 16, 32, 64, 128, 256), POWER_OF_TWO,
         "query rows of one sequence computed together (sequences of one row use 1)")
     page_copy: str = tunable(
-        "slices", PAGE_COPIES, one_of(*PAGE_COPIES),
-        "how a KV block's pages are copied out of the cache: one dynamic slice per page, "
-        "or one gather")
+        "pages", PAGE_COPIES, one_of(*PAGE_COPIES),
+        "how a KV block leaves the cache: whole pages then a transpose, or per-head slabs")
 
     def invalid_reason(self, shape: PagedShape) -> str | None:
-        if self.page_copy == "slices" and self.kv_pages_per_block > MAX_SLICED_PAGES:
-            return (f"page_copy 'slices' takes at most {MAX_SLICED_PAGES} pages per block, "
-                    f"got kv_pages_per_block {self.kv_pages_per_block}")
         if self.kv_pages_per_block > floor_pow2(shape.pages_per_seq):
             return (f"kv_pages_per_block {self.kv_pages_per_block} exceeds pages_per_seq "
                     f"{shape.pages_per_seq} (rounded down to a power of two)")
@@ -78,18 +70,19 @@ class XlaBlockedConfig(KernelConfig):
         while (queries > 1 and shape.q_heads * queries * pages * shape.page_size
                > MAX_SCORE_BLOCK_ELEMENTS):
             queries //= 2
-        while pages > 1 and shape.q_heads * queries * pages * shape.page_size > MAX_SCORE_BLOCK_ELEMENTS:
+        while (pages > 1 and shape.q_heads * queries * pages * shape.page_size
+               > MAX_SCORE_BLOCK_ELEMENTS):
             pages //= 2
         return self.replace(kv_pages_per_block=pages, queries_per_block=queries)
 
 
 def heuristic(shape: PagedShape) -> XlaBlockedConfig:
-    """About 512 cache positions (at most 128 pages) per KV step, pages copied as slices,
-    64 query rows per prefill block: the fastest measured on CPU."""
+    """About 512 cache positions (at most 128 pages) per KV step and 64 query rows per
+    prefill block: the fastest measured on CPU."""
     return XlaBlockedConfig(
         kv_pages_per_block=min(floor_pow2(max(512 // shape.page_size, 1)), 128),
         queries_per_block=64,
-        page_copy="slices",
+        page_copy="pages",
     ).clamp(shape)
 
 
@@ -113,8 +106,8 @@ def sequence_layout(args: PagedArgs) -> Layout:
     num_seqs = jnp.clip(args.num_seqs, 0, max_seqs)
     starts = jnp.clip(args.query_start_loc, 0, num_tokens)
     active = jnp.arange(max_seqs) < num_seqs
-    # A decreasing query_start_loc (invalid) gives an empty sequence rather than rows
-    # that overlap another sequence's.
+    # A decreasing query_start_loc (invalid) gives an empty sequence, never a negative
+    # row count.
     q_len = jnp.where(active, jnp.maximum(starts[1:] - starts[:-1], 0), 0)
     context = jnp.clip(args.context_lens, 0, pages_per_seq * page_size)
     return Layout(num_seqs, starts[:-1], q_len, context)
@@ -123,40 +116,38 @@ def sequence_layout(args: PagedArgs) -> Layout:
 def loop_variant(kv_pages: jax.Array, counter: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`kv_pages` tied to a loop counter so XLA cannot hoist work on the whole cache.
 
-    XLA:CPU gathers 16-bit floats through float32: without this tie, loop-invariant code
-    motion lifts the conversion of the *entire* cache out of the KV loop and every call
-    converts every page. Tied, the conversion stays fused into the gather of one block.
+    Without this tie, loop-invariant code motion lifts the elementwise op that feeds the
+    gather (a bitcast, or XLA:CPU's float32 round trip for 16-bit floats) out of the KV
+    loop, applied to the *entire* cache: every call then copies every page. Tied, it stays
+    fused into the gather of one block.
     """
     return jax.lax.optimization_barrier((kv_pages, counter))
 
 
 def gather_kv_block(kv_pages: jax.Array, page_ids: jax.Array,
-                    page_copy: str = "slices") -> tuple[jax.Array, jax.Array]:
+                    page_copy: str = "pages") -> tuple[jax.Array, jax.Array]:
     """Keys and values of the pages `page_ids` [..., n] (already clamped into [0, P)).
 
     Returns keys and values [..., Hkv, n * page_size, D], head-major so that both products
     are plain batched matrix products (XLA:CPU is several times slower contracting the
     cache's [position, head, D] layout directly).
 
-    page_copy "slices": one dynamic slice per whole page, concatenated, then one transpose;
-    XLA:CPU copies these about 3x faster than a gather. "gather": one gather straight into
-    the head-major layout (the program does not grow with the number of pages).
+    page_copy "pages": gather whole pages (contiguous), then transpose in cache. "heads":
+    gather each (page, head) slab straight into the head-major layout (one pass less, but
+    page_size x D elements per gathered slice instead of a whole page).
     """
     _, page_size, combined_heads, head_dim = kv_pages.shape
     kv_heads = combined_heads // 2
     dtype = kv_pages.dtype
     if dtype.itemsize == 2:
-        # XLA:CPU moves 16-bit floats through float32 and back; as integers it just copies.
+        # XLA:CPU gathers 16-bit floats through float32 and back; as integers it copies.
         kv_pages = jax.lax.bitcast_convert_type(kv_pages, jnp.uint16)
     lead, count = page_ids.shape[:-1], page_ids.shape[-1]
-    if page_copy == "slices":
-        flat = page_ids.reshape(-1)
-        block = jnp.concatenate([jax.lax.dynamic_slice_in_dim(kv_pages, flat[i], 1)
-                                 for i in range(flat.shape[0])])
-        block = block.reshape(*lead, count * page_size, kv_heads, 2, head_dim)
+    if page_copy == "pages":
+        block = kv_pages[page_ids].reshape(*lead, count * page_size, kv_heads, 2, head_dim)
         block = jnp.moveaxis(block, -3, -4)  # [..., Hkv, positions, 2, D]
         keys, values = block[..., 0, :], block[..., 1, :]
-    elif page_copy == "gather":
+    elif page_copy == "heads":
         heads = jnp.arange(kv_heads)[:, None]
         pages = page_ids[..., None, :]  # [..., 1, n] against heads [Hkv, 1]
         # Advanced indices split by a slice put their broadcast shape first:
