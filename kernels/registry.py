@@ -35,11 +35,11 @@ VARIANTS: tuple[Variant, ...] = (
 # The variant an operator uses when no tuned table entry matches, per (op, platform).
 DEFAULT_VARIANT: dict[tuple[str, str], str] = {
     ("decode", "cpu"): "xla_blocked",
-    ("decode", "gpu"): "reference",
-    ("decode", "tpu"): "reference",
+    ("decode", "gpu"): "triton_splitkv",
+    ("decode", "tpu"): "pallas_tpu",
     ("paged", "cpu"): "xla_decode",
-    ("paged", "gpu"): "reference",
-    ("paged", "tpu"): "reference",
+    ("paged", "gpu"): "triton",
+    ("paged", "tpu"): "pallas_tpu",
 }
 
 

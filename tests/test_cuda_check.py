@@ -10,7 +10,6 @@ import jax_triton  # noqa: F401 -- fails loudly without the CUDA plugin
 import pytest
 
 from attnbench.kernels import registry
-from attnbench.kernels.inputs import DecodeShape
 from attnbench.tuner import cuda_check
 from attnbench.tuner.problems import DecodeProblem, PagedProblem
 

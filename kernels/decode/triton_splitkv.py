@@ -28,10 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import triton_interpreter
+from .. import triton_launch
 from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
 from ..inputs import FEATURES, DecodeArgs, DecodeShape
-from ..triton_interpreter import Launch
+from ..triton_launch import Launch
 from ..tunables import POWER_OF_TWO, KernelConfig, Rule, one_of, tunable
 from ..variant import Variant
 
@@ -252,23 +252,6 @@ def _run_two_stages(launch: Launch, plan: LaunchPlan, kernels, query, key, value
     return out
 
 
-def _gpu_launch(compute_capability: int | None) -> Launch:
-    import jax_triton
-
-    def launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
-        # NaN-filled buffers aliased to the outputs: an element the kernel forgets shows.
-        poisoned = [jnp.full(shape, jnp.nan, dtype) for shape, dtype in out_shapes]
-        outputs = jax_triton.triton_call(
-            *inputs, *poisoned, kernel=kernel, grid=grid,
-            out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes],
-            input_output_aliases={len(inputs) + i: i for i in range(len(out_shapes))},
-            num_warps=num_warps, num_stages=num_stages,
-            compute_capability=compute_capability, **constants)
-        return tuple(outputs)
-
-    return launch
-
-
 def _interpreted(plan: LaunchPlan, args: DecodeArgs, query, sinks) -> jax.Array:
     from .triton_splitkv_kernels import compiled_kernels
 
@@ -277,7 +260,7 @@ def _interpreted(plan: LaunchPlan, args: DecodeArgs, query, sinks) -> jax.Array:
     def run(launch: Launch, *tensors):
         return _run_two_stages(launch, plan, kernels, *tensors)
 
-    return triton_interpreter.call_interpreted(
+    return triton_launch.call_interpreted(
         run, plan.out_shape, query, args.key, args.value, args.sequence_start,
         args.sequence_end, sinks)
 
@@ -307,7 +290,8 @@ def decode_attention_triton(args: DecodeArgs, config: TritonSplitKVConfig, *,
         return _interpreted(plan, args, query, sinks)
     from .triton_splitkv_kernels import compiled_kernels
 
-    return _run_two_stages(_gpu_launch(compute_capability), plan, compiled_kernels(False),
+    gpu = triton_launch.gpu_launch(compute_capability)
+    return _run_two_stages(gpu, plan, compiled_kernels(False),
                            query, args.key, args.value, args.sequence_start,
                            args.sequence_end, sinks)
 

@@ -2,7 +2,7 @@
 
 The kernel bodies below are plain functions; :func:`compiled_kernels` wraps them with
 ``triton.jit`` once for GPUs and once for Triton's CPU interpreter
-(:mod:`attnbench.kernels.triton_interpreter`).
+(:mod:`attnbench.kernels.triton_launch`).
 
 Logits are kept in base 2 (scaled by log2(e)) so the softmax uses exp2, which is one
 hardware instruction on NVIDIA GPUs; the running max written out by stage 1 is in base 2 too.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from ..triton_interpreter import jit_kernel
+from ..triton_launch import jit_kernel
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels read no other globals
 
@@ -158,6 +158,6 @@ def splitkv_merge_kernel(
 
 def compiled_kernels(interpret: bool):
     """(stage 1, stage 2) wrapped by triton.jit: for GPUs, or for the CPU interpreter (launch
-    those inside :func:`attnbench.kernels.triton_interpreter.interpreter_scope`)."""
+    those inside :func:`attnbench.kernels.triton_launch.interpreter_scope`)."""
     return (jit_kernel(splitkv_partial_kernel, interpret),
             jit_kernel(splitkv_merge_kernel, interpret))

@@ -26,10 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import triton_interpreter
+from .. import triton_launch
 from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
 from ..inputs import FEATURES, PagedArgs, PagedShape
-from ..triton_interpreter import Launch
+from ..triton_launch import Launch
 from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 
@@ -322,23 +322,6 @@ def _run(launch: Launch, plan: LaunchPlan, kernels, queries, kv_pages, context_l
     return out
 
 
-def _gpu_launch(compute_capability: int | None) -> Launch:
-    import jax_triton
-
-    def launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
-        # NaN-filled buffers aliased to the outputs: an element the kernel forgets shows.
-        poisoned = [jnp.full(shape, jnp.nan, dtype) for shape, dtype in out_shapes]
-        outputs = jax_triton.triton_call(
-            *inputs, *poisoned, kernel=kernel, grid=grid,
-            out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes],
-            input_output_aliases={len(inputs) + i: i for i in range(len(out_shapes))},
-            num_warps=num_warps, num_stages=num_stages,
-            compute_capability=compute_capability, **constants)
-        return tuple(outputs)
-
-    return launch
-
-
 def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
                                   interpret: bool = False,
                                   compute_capability: int | None = None) -> jax.Array:
@@ -355,15 +338,15 @@ def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
     from .triton_paged_kernels import compiled_kernels
 
     if not interpret:
-        return _run(_gpu_launch(compute_capability), plan, compiled_kernels(interpret=False),
-                    *arrays)
+        gpu = triton_launch.gpu_launch(compute_capability)
+        return _run(gpu, plan, compiled_kernels(interpret=False), *arrays)
 
     kernels = compiled_kernels(interpret=True)
 
     def run(launch: Launch, *tensors):
         return _run(launch, plan, kernels, *tensors)
 
-    return triton_interpreter.call_interpreted(run, plan.out_shape, *arrays)
+    return triton_launch.call_interpreted(run, plan.out_shape, *arrays)
 
 
 VARIANT = Variant(

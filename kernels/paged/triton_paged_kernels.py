@@ -2,7 +2,7 @@
 
 The kernel bodies are plain functions; :func:`compiled_kernels` wraps them once with
 ``triton.jit`` for GPUs and once for Triton's CPU interpreter
-(:mod:`attnbench.kernels.triton_interpreter`).
+(:mod:`attnbench.kernels.triton_launch`).
 
 Work split: one attention program per (query block, KV head[, KV split]). A query block is up
 to QUERIES_PER_BLOCK consecutive query tokens of ONE sequence; its tile rows are
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from ..triton_interpreter import jit_kernel
+from ..triton_launch import jit_kernel
 
 # log2(e) as a constexpr: Triton kernels may only read globals that are constexprs.
 LOG2_E = tl.constexpr(1.4426950408889634)
@@ -268,7 +268,7 @@ def compiled_kernels(interpret: bool):
     """(attention kernel, split combine kernel), for GPUs or for Triton's CPU interpreter.
 
     Launch interpreted kernels inside
-    :func:`attnbench.kernels.triton_interpreter.interpreter_scope`.
+    :func:`attnbench.kernels.triton_launch.interpreter_scope`.
     """
     return (jit_kernel(paged_attention_kernel, interpret),
             jit_kernel(combine_splits_kernel, interpret))

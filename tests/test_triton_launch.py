@@ -1,5 +1,5 @@
 """The shared machinery that runs the Triton variants in Triton's CPU interpreter
-(kernels/triton_interpreter.py) and the shared-memory limits they are configured by
+(kernels/triton_launch.py) and the shared-memory limits they are configured by
 (kernels/gpu_limits.py).
 
 The interpreter shares the process with GPU compiles; the point of most tests here is that an
@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 
 import triton.language as tl  # noqa: E402
 
-from attnbench.kernels import gpu_limits, inputs, triton_interpreter  # noqa: E402
+from attnbench.kernels import gpu_limits, inputs, triton_launch  # noqa: E402
 from attnbench.kernels.decode import triton_splitkv  # noqa: E402
 from attnbench.kernels.paged import triton_paged  # noqa: E402
 from attnbench.tuner.problems import DecodeProblem, PagedProblem  # noqa: E402
@@ -111,9 +111,9 @@ def test_a_leaking_scope_is_caught():
     code = (
         "import sys, pytest\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from attnbench.kernels import triton_interpreter\n"
-        "triton_interpreter._restore_attributes = lambda *args, **kwargs: None\n"
-        "import test_triton_interpreter as t\n"
+        "from attnbench.kernels import triton_launch\n"
+        "triton_launch._restore_attributes = lambda *args, **kwargs: None\n"
+        "import test_triton_launch as t\n"
         "t.run_both_interpreted()\n"
         "for export in (t.export_decode_for_cuda, t.export_paged_for_cuda):\n"
         "    try:\n"
@@ -131,7 +131,7 @@ def test_a_leaking_scope_is_caught():
 
 def language_state():
     """Every attribute of the modules and classes the interpreter patches, by identity."""
-    modules, classes = triton_interpreter._patched_objects()
+    modules, classes = triton_launch._patched_objects()
     return {owner: dict(vars(owner)) for owner in modules + classes}
 
 
@@ -176,14 +176,14 @@ def dot_kernel(a_ptr, b_ptr, poisoned_out_ptr, out_ptr, SIZE: tl.constexpr,
 
 
 def interpreted_dot(a, b, fail=False):
-    kernel = triton_interpreter.jit_kernel(dot_kernel, True)
+    kernel = triton_launch.jit_kernel(dot_kernel, True)
 
     def run(launch, a, b):
         (out,) = launch(kernel, (1,), (a, b), (((16, 16), "float32"),),
                         {"SIZE": 16, "FAIL": fail}, 4, 1)
         return out
 
-    return triton_interpreter.call_interpreted(run, ((16, 16), "float32"), a, b)
+    return triton_launch.call_interpreted(run, ((16, 16), "float32"), a, b)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -205,16 +205,16 @@ def test_scope_restores_after_a_failing_kernel_and_when_nested():
     with pytest.raises(Exception, match="failing on purpose"):
         interpreted_dot(a, a, fail=True).block_until_ready()
     assert_language_restored(before)
-    with triton_interpreter.interpreter_scope():
-        with triton_interpreter.interpreter_scope():
+    with triton_launch.interpreter_scope():
+        with triton_launch.interpreter_scope():
             pass
         assert not isinstance(tl.max, type(before[tl]["max"]))  # the outer swap still holds
-        out = triton_interpreter.interpreter_launch(
-            triton_interpreter.jit_kernel(dot_kernel, True), (1,),
-            tuple(triton_interpreter.to_torch(np.full((16, 16), 2, jnp.bfloat16))
+        out = triton_launch.interpreter_launch(
+            triton_launch.jit_kernel(dot_kernel, True), (1,),
+            tuple(triton_launch.to_torch(np.full((16, 16), 2, jnp.bfloat16))
                   for _ in range(2)),
             (((16, 16), "float32"),), {"SIZE": 16, "FAIL": False}, 4, 1)
-        np.testing.assert_array_equal(triton_interpreter.to_numpy(out[0]), 64.0)
+        np.testing.assert_array_equal(triton_launch.to_numpy(out[0]), 64.0)
     assert_language_restored(before)
 
 
@@ -222,11 +222,11 @@ def test_scope_restores_after_a_failing_kernel_and_when_nested():
 def test_torch_round_trip_copies(dtype):
     array = np.arange(24).reshape(2, 3, 4).astype(jnp.dtype(dtype))[:, ::2]  # not contiguous
     array.flags.writeable = False
-    tensor = triton_interpreter.to_torch(array)
+    tensor = triton_launch.to_torch(array)
     assert tensor.is_contiguous() and str(tensor.dtype) == f"torch.{dtype}"
     tensor.fill_(7)  # writable, and a copy
     assert int(array[0, 0, 0]) == 0
-    back = triton_interpreter.to_numpy(tensor)
+    back = triton_launch.to_numpy(tensor)
     assert back.dtype == jnp.dtype(dtype) and back.shape == array.shape
     np.testing.assert_array_equal(back.astype(np.float32), 7)
 
@@ -234,7 +234,7 @@ def test_torch_round_trip_copies(dtype):
 def test_modules_import_without_triton_or_torch():
     code = ("import sys\n"
             "for name in ('triton', 'jax_triton', 'torch'): sys.modules[name] = None\n"
-            "from attnbench.kernels import gpu_limits, triton_interpreter\n"
+            "from attnbench.kernels import gpu_limits, triton_launch\n"
             "from attnbench.kernels.decode import triton_splitkv\n"
             "from attnbench.kernels.paged import triton_paged\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,9 +1,10 @@
-"""Running the Triton variants' kernels in Triton's CPU interpreter (triton 3.9), from JAX.
+"""Launching the Triton variants' kernels from JAX: on GPUs, or in Triton's CPU interpreter.
 
 A Triton variant writes its kernels as plain functions and its launch code against
-:data:`Launch`; :func:`jit_kernel` wraps a kernel for GPUs or for the interpreter, and
-:func:`call_interpreted` runs the launch code on the host through ``jax.pure_callback``, on torch
-CPU tensors, with :func:`interpreter_launch` and inside :func:`interpreter_scope`.
+:data:`Launch`; :func:`jit_kernel` wraps a kernel for GPUs or for the interpreter.
+:func:`gpu_launch` launches through jax-triton; :func:`call_interpreted` runs the same launch
+code on the host through ``jax.pure_callback``, on torch CPU tensors, with
+:func:`interpreter_launch` and inside :func:`interpreter_scope` (triton 3.9).
 
 The interpreter is made for processes that set ``TRITON_INTERPRET=1`` before importing triton;
 here it shares a process with GPU compiles (jax.export for CUDA), so what it needs is set up
@@ -105,7 +106,6 @@ def interpreter_scope() -> Iterator[None]:
 
     Reentrant, and held by one thread at a time.
     """
-    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction, interpreter_builder
     from triton.runtime.jit import JITFunction
 
@@ -196,3 +196,22 @@ def call_interpreted(run: Callable[..., Any], out_shape: tuple[tuple[int, ...], 
 
     shape, dtype = out_shape
     return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, dtype), *arrays)
+
+
+def gpu_launch(compute_capability: int | None) -> Launch:
+    """The GPU launch function: jax-triton calls whose outputs start NaN-filled (aliased), so
+    an element a kernel forgets to write shows. `compute_capability` (e.g. 90) is needed only
+    when there is no local GPU to read it from."""
+    import jax_triton
+
+    def launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
+        poisoned = [jnp.full(shape, jnp.nan, dtype) for shape, dtype in out_shapes]
+        outputs = jax_triton.triton_call(
+            *inputs, *poisoned, kernel=kernel, grid=grid,
+            out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes],
+            input_output_aliases={len(inputs) + i: i for i in range(len(out_shapes))},
+            num_warps=num_warps, num_stages=num_stages,
+            compute_capability=compute_capability, **constants)
+        return tuple(outputs)
+
+    return launch
