@@ -202,7 +202,8 @@ def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform
     reason = chosen.unsupported_reason(shape, platform, interpret)
     if reason:
         raise UnsupportedError(reason)
-    _warn_untuned(key, chosen)
+    if chosen.config_class.tunable_names():  # nothing to tune, nothing to warn about
+        _warn_untuned(key, chosen)
     return Choice(chosen, chosen.default_config(shape), key, "heuristic default")
 
 
