@@ -98,7 +98,8 @@ def test_head_layouts(variant, heads):
 BLOCK = dict(kv_block_size=64, blocks_per_step=2)
 
 
-@pytest.mark.parametrize("contraction", ["fused_reduce", "head_major_dot", "block_diagonal_dot"])
+@pytest.mark.parametrize("contraction",
+                         ["fused_reduce", "head_major_dot", "key_major_dot", "block_diagonal_dot"])
 def test_blocked_edges(contraction):
     """Rows chosen against 64-position blocks, S = 300 (the last block is partial)."""
     config = dict(BLOCK, contraction=contraction)
