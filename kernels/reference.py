@@ -35,6 +35,12 @@ def masked_softmax_attention(
     if sinks is not None:
         denominator = denominator + jnp.exp(sinks - row_max)
     numerator = jnp.einsum("...n,...nd->...d", weights, values)
+    return divide_or_zero(numerator, denominator)
+
+
+def divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator [..., D] / denominator [...], and 0 where the denominator is 0 (a row that
+    attended no key and no sink): the contract's zeros, never NaN."""
     safe = jnp.where(denominator > 0, denominator, 1.0)
     return jnp.where(denominator[..., None] > 0, numerator / safe[..., None], 0.0)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import DecodeArgs, DecodeShape
-from ..reference import soft_cap
+from ..reference import divide_or_zero, soft_cap
 from ..tunables import BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 
@@ -247,9 +247,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
     if args.sinks is not None:
         denominator = denominator + jnp.exp(sinks - row_max)
     numerator = jnp.sum(rescale[..., None] * outs, axis=1)
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    out = jnp.where(denominator[..., None] > 0, numerator / safe[..., None], 0.0)
-    return out.reshape(batch, q_heads, head_dim)
+    return divide_or_zero(numerator, denominator).reshape(batch, q_heads, head_dim)
 
 
 VARIANT = Variant(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import DecodeArgs, DecodeShape
-from ..reference import soft_cap
+from ..reference import divide_or_zero, soft_cap
 from ..tunables import KernelConfig, one_of, tunable
 from ..variant import Variant
 
@@ -108,9 +108,7 @@ def decode_attention_dense(args: DecodeArgs, config: XlaDenseConfig, *,
     else:
         weights = jnp.transpose(weights.astype(jnp.float32), (0, 3, 1, 2))  # [B, S, Hkv, G]
         numerator = jnp.sum(weights[..., None] * value[:, :, :, None, :], axis=1)
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    out = jnp.where(denominator[..., None] > 0, numerator / safe[..., None], 0.0)
-    return out.reshape(batch, q_heads, head_dim)
+    return divide_or_zero(numerator, denominator).reshape(batch, q_heads, head_dim)
 
 
 VARIANT = Variant(

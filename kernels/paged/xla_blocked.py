@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
-from ..reference import soft_cap
+from ..reference import divide_or_zero, soft_cap
 from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
 from ..variant import Variant
 
@@ -219,8 +219,7 @@ def softmax_finish(state: Softmax, sinks: jax.Array | None) -> jax.Array:
         rescale = jnp.exp(state.row_max - new_max)  # 0 when the row saw no key
         total = total * rescale + jnp.exp(sinks - new_max)
         out = out * rescale[..., None]
-    safe = jnp.where(total > 0, total, 1.0)
-    return jnp.where(total[..., None] > 0, out / safe[..., None], 0.0)
+    return divide_or_zero(out, total)
 
 
 def grouped_sinks(args: PagedArgs, rows: int) -> jax.Array | None:
