@@ -26,10 +26,7 @@ def gpu_variants(op):
 
 
 def shape_of(problem):
-    from attnbench.tuner.bench import _shape_of
-
-    arrays, kwargs = problem.make_inputs(0)
-    return _shape_of(problem.op, arrays, kwargs)[1]
+    return problem.shape(0)
 
 
 @pytest.mark.parametrize("target", ["cuda:sm_80", "cuda:sm_90"])

@@ -30,10 +30,7 @@ def _run(problem, config=None, seed=0):
 
 
 def _shape_of(problem):
-    args, kwargs = problem.make_inputs(0)
-    if problem.op == "decode":
-        return inputs.prepare_decode(*args, **kwargs)[1]
-    return inputs.prepare_paged(*args, **kwargs)[1]
+    return problem.shape(0)
 
 
 # ---- decode_attention -------------------------------------------------------------------------

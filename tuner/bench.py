@@ -67,11 +67,12 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     """Yields one row per (variant, config): heuristic default first, then `sample` random."""
     op = problem.op
     args, kwargs = problem.make_inputs(seed)
-    bandwidth = roofline.read_bandwidth()
-    floor = roofline.floor_us(roofline.bytes_moved(op, args, kwargs), bandwidth)
+    shape = problem.shape(seed)
+    moved = roofline.bytes_moved(op, args, kwargs)
+    floor = roofline.floor_us(moved, roofline.read_bandwidth())
     reference = compile_call(op, "reference", None, args, kwargs)(*args)
     input_sets = [args]
-    if roofline.bytes_moved(op, args, kwargs) < 4 * roofline.last_level_cache_bytes():
+    if moved < 4 * roofline.last_level_cache_bytes():
         # Same shapes as `args` (another seed's paged inputs have another page count, which
         # the compiled call would refuse).
         input_sets = rotated_input_sets(args, seed, 3)
@@ -81,7 +82,6 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
             continue
         if variant_names is None and (variant.name == "reference" or platform not in variant.platforms):
             continue
-        _, shape = _shape_of(op, args, kwargs)
         configs = [variant.default_config(shape)]
         configs += [c for c in sample_configs(variant.config_class, shape, sample, seed)
                     if c != configs[0]]
@@ -100,12 +100,3 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
             timing = time_call(compiled, input_sets, repeats=repeats)
             yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
                            "ok", floor)
-
-
-def _shape_of(op: str, args: tuple, kwargs: dict):
-    from attnbench.kernels import inputs
-
-    if op == "decode":
-        prepared, shape, _ = inputs.prepare_decode(*args, **kwargs)
-        return prepared, shape
-    return inputs.prepare_paged(*args, **kwargs)
