@@ -271,8 +271,7 @@ def sweep(
             if not targets:
                 typer.echo(f"{path} names no device with a known CUDA target", err=True)
                 raise typer.Exit(1)
-            csv_path = out or Path("results") / "checks" / (
-                f"{Path(path).stem}-{'-'.join(t.name for t in targets)}.csv")
+            csv_path = out or static_check.default_csv_path(path, targets)
             static_check.run_check(Path(path), targets, csv_path, shard=_parse_shard(shard),
                                    echo=typer.echo)
             return
@@ -308,8 +307,7 @@ def check(
             runs.append((sweep_files.sweeps_dir() / f"{each.device_kind}.yaml", [each]))
     try:
         for path, path_targets in runs:
-            csv_path = out or Path("results") / "checks" / (
-                f"{path.stem}-{'-'.join(t.name for t in path_targets)}.csv")
+            csv_path = out or static_check.default_csv_path(path, path_targets)
             static_check.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
                                    limit=limit, echo=typer.echo)
     except (sweep_files.SweepFileError, FileNotFoundError) as error:

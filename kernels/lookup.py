@@ -180,28 +180,30 @@ def choose(
                    _sources_signature())
 
 
+def _require_support(variant: Variant, shape, platform: str, interpret: bool) -> Variant:
+    reason = variant.unsupported_reason(shape, platform, interpret)
+    if reason:
+        raise UnsupportedError(reason)
+    return variant
+
+
 @functools.lru_cache(maxsize=1024)
 def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform, _signature):
     key = make_key(shape, device_kind)
     if variant_name is not None:
-        named = registry.get_variant(shape.op, variant_name)
-        reason = named.unsupported_reason(shape, platform, interpret)
-        if reason:
-            raise UnsupportedError(reason)
+        # A variant asked for by name must be able to run this call, whatever the tables say.
+        fallback = _require_support(registry.get_variant(shape.op, variant_name), shape,
+                                    platform, interpret)
+    else:
+        fallback = registry.default_variant(shape.op, platform)
     if frozen_config is not None:
-        chosen = named if variant_name is not None else registry.default_variant(shape.op, platform)
-        reason = chosen.unsupported_reason(shape, platform, interpret)
-        if reason:
-            raise UnsupportedError(reason)
+        chosen = _require_support(fallback, shape, platform, interpret)
         return Choice(chosen, _config_from(chosen, dict(frozen_config), shape), key,
                       "explicit config")
     found = _from_tables(shape, key, variant_name, platform, interpret)
     if found is not None:
         return found
-    chosen = named if variant_name is not None else registry.default_variant(shape.op, platform)
-    reason = chosen.unsupported_reason(shape, platform, interpret)
-    if reason:
-        raise UnsupportedError(reason)
+    chosen = _require_support(fallback, shape, platform, interpret)
     if chosen.config_class.tunable_names():  # nothing to tune, nothing to warn about
         _warn_untuned(key, chosen)
     return Choice(chosen, chosen.default_config(shape), key, "heuristic default")

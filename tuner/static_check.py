@@ -9,6 +9,7 @@ unlaunchable or uncompilable for its own target (status ``skipped_static``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,6 +36,12 @@ def target_for_device(device_kind: str) -> cuda_check.CudaTarget | None:
         if target.device_kind == kind:
             return target
     return None
+
+
+def default_csv_path(sweep_path: Path, targets: list[cuda_check.CudaTarget]) -> Path:
+    """results/checks/<sweep name>-<targets>.csv, where `attnbench check` writes by default."""
+    names = "-".join(target.name for target in targets)
+    return Path("results") / "checks" / f"{Path(sweep_path).stem}-{names}.csv"
 
 
 def targets_of_sweep(spec: SweepSpec) -> list[cuda_check.CudaTarget]:
@@ -134,8 +141,6 @@ def read_verdicts(csv_path: Path) -> dict[tuple[str, str, str], tuple[str, str]]
 
 def prune(plans: list, verdicts: dict[tuple[str, str, str], tuple[str, str]]) -> int:
     """Marks candidates the check refused as `skipped_static`; returns how many."""
-    import dataclasses
-
     pruned = 0
     for item in plans:
         problem_id = space.problem_id(item.problem)
