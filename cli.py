@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
 app = typer.Typer(
     help="Benchmark and autotune attention kernels for LLM inference in JAX.",
@@ -191,14 +192,30 @@ def bench(
     sample: int = typer.Option(0, help="Also time this many random valid configs per variant."),
     repeats: int = typer.Option(10, help="Timed calls per config."),
     seed: int = typer.Option(0, help="Seed of the inputs and of the config sample."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="FIELD=VALUE",
+        help="Change a field of the problem, named as in a sweep file's problem entry "
+             "(repeatable): --set model=starcoder-15b --set context=4096 --set batch=1."),
 ) -> None:
     """Time each variant on the issue's problem; print median, memory floor and their ratio."""
     from attnbench.tuner import roofline
-    from attnbench.tuner.bench import DEFAULT_PROBLEMS, run_bench
+    from attnbench.tuner.bench import BENCH_PROBLEMS, bench_problem, run_bench
+    from attnbench.tuner.sweep_file import SweepFileError
 
-    if problem not in DEFAULT_PROBLEMS:
-        raise typer.BadParameter(f"choose from {list(DEFAULT_PROBLEMS)}", param_hint="PROBLEM")
-    spec = DEFAULT_PROBLEMS[problem]
+    if problem not in BENCH_PROBLEMS:
+        raise typer.BadParameter(f"choose from {list(BENCH_PROBLEMS)}", param_hint="PROBLEM")
+    overrides = {}
+    for assignment in set_ or []:
+        field, equals, value = assignment.partition("=")
+        if not equals or not field.strip():
+            raise typer.BadParameter(f"must be FIELD=VALUE, got {assignment!r}",
+                                     param_hint="--set")
+        # YAML scalars, as in a sweep file: 4096 is an int, true a bool, null None.
+        overrides[field.strip()] = yaml.safe_load(value)
+    try:
+        spec = bench_problem(problem, overrides)
+    except SweepFileError as error:
+        raise typer.BadParameter("; ".join(error.problems), param_hint="--set") from None
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
     best = None

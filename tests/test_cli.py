@@ -1,4 +1,4 @@
-"""The foundation's commands: list, lookup, validate, demo."""
+"""The commands outside the sweep: list, lookup, validate, demo, bench."""
 
 import json
 
@@ -83,3 +83,36 @@ def test_demo_runs_both_operators_correctly():
     result = runner.invoke(app, ["demo", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     assert result.output.count("(ok)") == 2
+
+
+def test_bench_problem_overrides_use_sweep_field_names():
+    from attnbench.tuner.bench import bench_problem
+    from attnbench.tuner.problems import DecodeProblem
+
+    assert bench_problem("decode") == DecodeProblem(
+        batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16",
+        lengths="uniform", min_len=100)
+    mqa = bench_problem("decode", {"model": "starcoder-15b", "context": 4096})
+    assert (mqa.q_heads, mqa.kv_heads, mqa.max_len, mqa.batch) == (48, 1, 4096, 8)
+    paged = bench_problem("paged-mixed", {"num_seqs": 4})
+    assert paged.num_seqs == 4 and paged.prefill_fraction == 0.25
+
+
+def test_bench_prints_the_ratio_to_the_floor_for_a_changed_problem():
+    result = runner.invoke(app, [
+        "bench", "decode", "--variant", "xla_blocked", "--repeats", "2",
+        "--set", "context=512", "--set", "batch=2", "--set", "min_len=16"])
+    assert result.exit_code == 0, result.output
+    assert "max_len=512" in result.output and "batch=2" in result.output
+    best = [line for line in result.output.splitlines() if line.startswith("best: xla_blocked")]
+    assert len(best) == 1 and "x" in best[0].rsplit("ratio", 1)[1]
+
+
+def test_bench_refuses_a_bad_field_by_name():
+    result = runner.invoke(app, ["bench", "decode", "--set", "context=0"])
+    assert result.exit_code != 0
+    assert "context" in result.output and "positive int" in result.output
+    result = runner.invoke(app, ["bench", "decode", "--set", "heads=4"])
+    assert result.exit_code != 0 and "heads" in result.output and "unknown field" in result.output
+    result = runner.invoke(app, ["bench", "decode", "--set", "context"])
+    assert result.exit_code != 0 and "FIELD=VALUE" in result.output

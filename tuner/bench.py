@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -19,21 +20,36 @@ from attnbench.kernels.tunables import KernelConfig, sample_configs
 from . import roofline
 from .accuracy import compare
 from .problems import DecodeProblem, PagedProblem, rotated_input_sets
+from .sweep_file import problem_from_entry
 from .timing import Timing, time_call
 
 OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
 
-# The problems the speed targets of issues 3 and 4 are stated on.
-DEFAULT_PROBLEMS = {
-    "decode": DecodeProblem(batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
-                            dtype="bfloat16", lengths="uniform", min_len=100),
-    "paged": PagedProblem(num_seqs=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
-                          page_size=16, dtype="bfloat16", lengths="uniform", min_len=100),
-    "paged-mixed": PagedProblem(num_seqs=8, max_len=8192, q_heads=32, kv_heads=8,
-                                head_dim=128, page_size=16, dtype="bfloat16",
-                                lengths="uniform", min_len=600, prefill_fraction=0.25,
-                                prefill_chunk=512),
+# The problems the speed targets of issues 3 and 4 are stated on: (operator, problem entry
+# written as in a sweep file, so `bench --set` overrides use the sweep files' field names).
+BENCH_PROBLEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "decode": ("decode", {"model": "llama-3-8b", "batch": 8, "context": 8192,
+                          "lengths": "uniform", "min_len": 100}),
+    "paged": ("paged", {"model": "llama-3-8b", "num_seqs": 8, "context": 8192, "page_size": 16,
+                        "lengths": "uniform", "min_len": 100}),
+    "paged-mixed": ("paged", {"model": "llama-3-8b", "num_seqs": 8, "context": 8192,
+                              "page_size": 16, "lengths": "uniform", "min_len": 600,
+                              "prefill_fraction": 0.25, "prefill_chunk": 512}),
 }
+
+
+def bench_problem(name: str, overrides: dict[str, Any] | None = None
+                  ) -> DecodeProblem | PagedProblem:
+    """The named bench problem with some of its fields replaced (sweep-file field names).
+
+    Raises ValueError for an unknown name and SweepFileError for a bad field or value.
+    """
+    if name not in BENCH_PROBLEMS:
+        raise ValueError(f"unknown bench problem {name!r}; choose from {list(BENCH_PROBLEMS)}")
+    op, entry = BENCH_PROBLEMS[name]
+    # The model preset (heads and features) applies first; explicit fields override it.
+    entry = {**entry, **(overrides or {})}
+    return problem_from_entry(op, entry, where=f"bench {name}").problem
 
 
 @dataclasses.dataclass(frozen=True)

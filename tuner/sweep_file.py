@@ -296,6 +296,22 @@ def _problems_of(check: _Checker, op: str, entries: Any, where: str) -> list[Swe
     return problems
 
 
+def problem_from_entry(op: str, entry: dict[str, Any], where: str = "problem") -> SweepProblem:
+    """One problem from a problem entry written as in a sweep file, with scalar fields only.
+
+    `attnbench bench` uses it so `--set model=starcoder-15b` means what it means in a sweep.
+    Raises SweepFileError naming each bad field.
+    """
+    check = _Checker()
+    for name, value in entry.items():
+        if isinstance(value, list):
+            check.fail(f"{where}.{name}", f"must be one value here, got the list {value!r}")
+    problems = [] if check.problems else _problems_of(check, op, [entry], where)
+    if check.problems:
+        raise SweepFileError(where, [p.replace(f"{where}[0]", where) for p in check.problems])
+    return problems[0]
+
+
 def _build_problem(check: _Checker, op: str, fields: dict[str, Any],
                    where: str) -> SweepProblem | None:
     model = fields.pop("model", "")

@@ -13,7 +13,8 @@ Layout: key/value [B, S, Hkv, D] are viewed as [B, S, Hkv * D] (a free reshape),
 is [kv_block_size, D] at lane-block `h` with no copy; that needs D % 128 == 0 (or Hkv == 1).
 Other head dims take a transposed copy [B, Hkv, S, D] (one extra pass over the cache).
 
-This module also holds the Mosaic rules shared with the paged TPU kernel (tiles, VMEM).
+Mosaic's tiling and VMEM rules are in kernels/tpu_limits.py; the in-kernel softmax pieces it
+shares with the paged kernel are in kernels/pallas_tpu_common.py.
 """
 
 from __future__ import annotations
@@ -25,133 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import DecodeArgs, DecodeShape
+from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
+from ..tpu_limits import (
+    LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
+    vmem_budget_bytes,
+)
 from ..tunables import KernelConfig, POSITIVE_INT, tunable
 from ..variant import Variant
-
-# ---- Mosaic rules shared by the TPU variants ------------------------------------------------
-
-LANES = 128
-MiB = 1024 * 1024
-
-# The scoped VMEM a kernel may use without raising `vmem_limit_bytes`: the compiler's default
-# per generation (physical VMEM is 128 MiB on v5e/v6e, but only this much is granted by
-# default). Off a TPU the target is unknown, so the smallest of these is assumed.
-SCOPED_VMEM_BYTES = {
-    "tpu-v4": 16 * MiB,
-    "tpu-v5e": 16 * MiB,
-    "tpu-v5p": 16 * MiB,
-    "tpu-v6e": 32 * MiB,
-}
-# Headroom for what the estimate below leaves out (Mosaic's internal scratch, spills).
-VMEM_SAFETY_FRACTION = 0.75
-
-
-def block_dtype(dtype) -> jnp.dtype:
-    """The dtype K/V blocks have inside a kernel: float16 is widened to float32 first.
-
-    Mosaic cannot load float16 vectors on v5e or v6e (compiling for them with libtpu fails
-    with "Invalid vector type for load ... xf16"), so float16 caches are converted by XLA
-    before the call: correct, but an extra pass over the cache.
-    """
-    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
-
-
-def sublane_tile(dtype) -> int:
-    """Rows of one (sublanes x 128 lanes) VMEM tile of `dtype`'s blocks: 8 for 32-bit, 16 for
-    bfloat16 (float16 blocks are float32, see block_dtype)."""
-    return 8 if block_dtype(dtype).itemsize >= 4 else 16
-
-
-def padded_tile_bytes(rows: int, cols: int, dtype: str) -> int:
-    """VMEM bytes of a [rows, cols] block once padded to whole tiles."""
-    tile = sublane_tile(dtype)
-    return (-(-rows // tile) * tile) * (-(-cols // LANES) * LANES) * jnp.dtype(dtype).itemsize
-
-
-def vmem_budget_bytes() -> int:
-    """The VMEM a config may plan for on this target (see SCOPED_VMEM_BYTES)."""
-    from ..platform import current_device_kind, current_platform
-
-    budget = min(SCOPED_VMEM_BYTES.values())
-    if current_platform() == "tpu":
-        budget = SCOPED_VMEM_BYTES.get(current_device_kind(), budget)
-    return int(budget * VMEM_SAFETY_FRACTION)
-
-
-def query_block_dtype(query_dtype, kv_dtype) -> jnp.dtype:
-    """The dtype queries enter a kernel in: that of the K/V blocks when they match, else f32.
-
-    Matching bfloat16 keeps the MXU's native path; a mixed pair is promoted so no precision
-    is lost (float32 tiles are never taller than 16-bit ones, so the tile rules derived from
-    the K/V blocks stay sufficient).
-    """
-    kv_block = block_dtype(kv_dtype)
-    return kv_block if jnp.dtype(query_dtype) == kv_block else jnp.dtype(jnp.float32)
-
-
-def interpret_params(interpret: bool):
-    """What `interpret=` gives pallas_call: TPU interpret mode on CPU, or compile for TPU.
-
-    Reads past a buffer's logical end raise, so a missing index clamp fails loudly, and
-    scratch/VMEM starts as NaN, so a value read before it is written poisons the output.
-    """
-    if not interpret:
-        return False
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-
-
-def online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref) -> None:
-    """Folds one block into the running (max, denominator, numerator) in VMEM scratch.
-
-    scores f32 [R, N]; valid bool [R, N]; values [N, D] (any float dtype); m/l f32 [R, 1];
-    acc f32 [R, D]. A row with nothing valid so far keeps m = -inf, l = 0, acc = 0.
-    """
-    masked = jnp.where(valid, scores, -jnp.inf)
-    m_prev = m_ref[...]
-    m_next = jnp.maximum(m_prev, jnp.max(masked, axis=1, keepdims=True))
-    # Shift by 0, not -inf, while a row has seen no valid key: exp(-inf - -inf) is NaN.
-    shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    weights = jnp.exp(masked - shift)
-    rescale = jnp.exp(m_prev - shift)
-    l_ref[...] = rescale * l_ref[...] + jnp.sum(weights, axis=1, keepdims=True)
-    # P is rounded to the value dtype (bf16 stays on the MXU's native path).
-    update = jax.lax.dot_general(
-        weights.astype(values.dtype), values, (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    acc_ref[...] = rescale * acc_ref[...] + update
-    m_ref[...] = m_next
-
-
-def finish_softmax(m_ref, l_ref, acc_ref, sinks):
-    """acc / denominator with the sink joining the denominator; rows with none give zeros.
-
-    sinks: f32 [R, 1] or None. Returns f32 [R, D].
-    """
-    m = m_ref[...]
-    l = l_ref[...]
-    acc = acc_ref[...]
-    if sinks is not None:
-        m_all = jnp.maximum(m, sinks)
-        rescale = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - m_all))
-        l = rescale * l + jnp.exp(sinks - m_all)
-        acc = rescale * acc
-    safe = jnp.where(l > 0, l, 1.0)
-    return jnp.where(l > 0, acc / safe, 0.0)
-
-
-def scores_of(query, keys, softmax_scale: float, soft_cap: float | None):
-    """softmax_scale * query @ keys^T in f32, soft-capped. query [R, D], keys [N, D]."""
-    if query.dtype != keys.dtype:
-        query, keys = query.astype(jnp.float32), keys.astype(jnp.float32)
-    scores = jax.lax.dot_general(
-        query, keys, (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32) * softmax_scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    return scores
-
 
 # ---- Config -----------------------------------------------------------------------------------
 

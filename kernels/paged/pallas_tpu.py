@@ -29,9 +29,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..decode.pallas_tpu import (
-    LANES, MiB, block_dtype, finish_softmax, interpret_params, query_block_dtype,
-    online_softmax_step, padded_tile_bytes, scores_of, sublane_tile, vmem_budget_bytes,
+from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
+from ..tpu_limits import (
+    LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
+    vmem_budget_bytes,
 )
 from ..inputs import PagedArgs, PagedShape
 from ..tunables import KernelConfig, POSITIVE_INT, tunable
