@@ -27,6 +27,8 @@ from attnbench.kernels.gpu_limits import SHARED_MEMORY_PER_BLOCK_BYTES
 from attnbench.kernels.platform import lowering_for
 from attnbench.kernels.tunables import KernelConfig
 
+from .problems import with_array_keywords_last
+
 
 @dataclasses.dataclass(frozen=True)
 class CudaTarget:
@@ -221,15 +223,9 @@ def check_config(problem, variant: str, config: KernelConfig, target: CudaTarget
     operator = {"decode": kernels.decode_attention,
                 "paged": kernels.ragged_paged_attention}[problem.op]
     arrays, kwargs = abstract_inputs(problem)
-    sinks = kwargs.pop("sinks", None)
-    config_dict = config.to_dict()
-
-    def call(*inputs):
-        extra = {} if sinks is None else {"sinks": inputs[-1]}
-        operator_inputs = inputs if sinks is None else inputs[:-1]
-        return operator(*operator_inputs, variant=variant, config=config_dict, **kwargs, **extra)
-
-    all_inputs = arrays if sinks is None else arrays + (sinks,)
+    kwargs.update(variant=variant, config=config.to_dict())
+    call, trailing = with_array_keywords_last(operator, len(arrays), kwargs)
+    all_inputs = arrays + trailing
     launches: list[dict[str, Any]] = []
     try:
         with _observe_triton_compiles(target.compute_capability, launches), \

@@ -8,6 +8,7 @@ so that timings reflect serving rather than a full, tidy cache.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -219,6 +220,24 @@ def rotated_input_sets(args: tuple, seed: int, count: int) -> list[tuple]:
             for a in args
         ))
     return sets
+
+
+def with_array_keywords_last(function: Callable | None, positional: int, kwargs: dict[str, Any]
+                             ) -> tuple[Callable, tuple]:
+    """`function` taking its array keyword arguments (sinks) as trailing positional inputs.
+
+    A jitted call then traces them as inputs instead of baking them in as constants, so one
+    compiled call serves every input set. Returns (call, trailing inputs):
+    ``call(*args, *trailing) == function(*args, **kwargs)`` for `positional` args.
+    """
+    names = [name for name, value in kwargs.items() if hasattr(value, "shape")]
+    fixed = {name: value for name, value in kwargs.items() if name not in names}
+
+    def call(*inputs):
+        arrays = dict(zip(names, inputs[positional:]))
+        return function(*inputs[:positional], **fixed, **arrays)
+
+    return call, tuple(kwargs[name] for name in names)
 
 
 @dataclasses.dataclass(frozen=True)

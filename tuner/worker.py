@@ -143,7 +143,7 @@ class _Problem:
         from attnbench.kernels.reference import DECODE_VARIANT, PAGED_VARIANT
 
         from . import roofline
-        from .problems import rotated_input_sets
+        from .problems import rotated_input_sets, with_array_keywords_last
 
         self.problem = problem
         self.tolerance = tolerance
@@ -155,8 +155,9 @@ class _Problem:
         self.floor_us = roofline.floor_us(self.bytes_moved, bandwidth) if bandwidth else None
         # Rotate inputs only where the problem fits in cache; large ones are cold anyway.
         rotate = self.bytes_moved < 4 * roofline.last_level_cache_bytes()
-        sinks = self.kwargs.get("sinks")
-        self.input_sets = [tuple(a) + ((sinks,) if sinks is not None else ())
+        self.positional = len(args)
+        _, trailing = with_array_keywords_last(None, self.positional, self.kwargs)  # arrays only
+        self.input_sets = [tuple(a) + trailing
                            for a in rotated_input_sets(args, seed, 3 if rotate else 1)]
         reference_variant = DECODE_VARIANT if problem.op == "decode" else PAGED_VARIANT
         reference = self.compile(reference_variant, None, output_dtype="float32")
@@ -171,18 +172,17 @@ class _Problem:
 
         from attnbench.kernels import inputs
 
-        op = self.problem.op
-        static = {k: v for k, v in self.kwargs.items() if k != "sinks"}
-        has_sinks = "sinks" in self.kwargs
-        prepare = inputs.prepare_decode if op == "decode" else inputs.prepare_paged
+        from .problems import with_array_keywords_last
 
-        def call(*arrays):
-            operator_args = arrays[:-1] if has_sinks else arrays
-            extra = {"sinks": arrays[-1]} if has_sinks else {}
-            prepared = prepare(*operator_args, **static, **extra)[0]
+        prepare = inputs.prepare_decode if self.problem.op == "decode" else inputs.prepare_paged
+
+        def run_kernel(*operator_args, **operator_kwargs):
+            # The operator's own checks, then the kernel directly (no table lookup).
+            prepared = prepare(*operator_args, **operator_kwargs)[0]
             output = variant.kernel(prepared, config, interpret=False)
             return output.astype(output_dtype or operator_args[0].dtype)
 
+        call, _ = with_array_keywords_last(run_kernel, self.positional, self.kwargs)
         return jax.jit(call).lower(*self.input_sets[0]).compile()
 
     def measure(self, task: Task) -> dict[str, Any]:
