@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import FEATURES, SUPPORTED_DTYPES, DecodeShape, PagedShape
+from .tunables import next_power_of_two
 
 SCHEMA_VERSION = 1
 
@@ -29,7 +30,7 @@ SIZE_AXES = {"decode": ("batch", "max_len"), "paged": ("tokens", "max_len")}
 
 def bucket(size: int) -> int:
     """The power of two at or above `size` (1 for sizes below 1)."""
-    return 1 << max(0, math.ceil(math.log2(max(size, 1))))
+    return next_power_of_two(size)
 
 
 def make_key(shape: DecodeShape | PagedShape, device_kind: str) -> dict[str, Any]:

@@ -31,6 +31,16 @@ POWER_OF_TWO = Rule(lambda v: _is_int(v) and v > 0 and v & (v - 1) == 0, "a powe
 BOOL = Rule(lambda v: isinstance(v, bool), "a bool")
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def floor_power_of_two(n: int) -> int:
+    """The largest power of two <= max(n, 1)."""
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
 def one_of(*values: Any) -> Rule:
     return Rule(lambda v: v in values, f"one of {list(values)}")
 

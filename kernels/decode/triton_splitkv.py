@@ -29,33 +29,20 @@ import jax
 import jax.numpy as jnp
 
 from .. import triton_launch
-from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
+from ..gpu_limits import (
+    MAX_SHARED_MEMORY_BYTES, MIN_DOT_SIZE, PORTABLE_SHARED_MEMORY_BYTES, THREADS_PER_WARP,
+    TILE_REGISTERS_PER_THREAD, padded_head_dim,
+)
 from ..inputs import FEATURES, DecodeArgs, DecodeShape
 from ..triton_launch import Launch
-from ..tunables import POWER_OF_TWO, KernelConfig, Rule, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, Rule, next_power_of_two, one_of, tunable
 from ..variant import Variant
 
-# Registers per thread stage 1's tiles may take by `tile_registers_per_thread`'s estimate.
-# Checked against `ptxas -v` (Triton 3.9, sm_90) on 50 configs: none at or under this
-# spilled; ptxas needs about twice the estimate plus ~40 (255 is the hardware cap).
-TILE_REGISTERS_PER_THREAD = 128
-THREADS_PER_WARP = 32
-# tl.dot needs every block dimension to be at least 16.
-MIN_DOT_SIZE = 16
 # The merge stage moves NUM_KV_SPLITS x D floats per program: a fixed small launch suffices.
 MERGE_NUM_WARPS = 4
 
 AT_LEAST_16 = Rule(lambda v: POWER_OF_TWO.check(v) and v >= MIN_DOT_SIZE,
                    f"a power of two >= {MIN_DOT_SIZE} (tl.dot's minimum block size)")
-
-
-def next_power_of_two(value: int) -> int:
-    return 1 << max(int(value) - 1, 0).bit_length()
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """D rounded up to a power of two >= 16: Triton blocks are powers of two, dots >= 16."""
-    return max(MIN_DOT_SIZE, next_power_of_two(head_dim))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 
 from ..inputs import DecodeArgs, DecodeShape
 from ..reference import divide_or_zero, soft_cap
-from ..tunables import BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, one_of, tunable
+from ..tunables import (
+    BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, next_power_of_two, one_of, tunable,
+)
 from ..variant import Variant
 
 CONTRACTIONS = ("fused_reduce", "head_major_dot", "key_major_dot", "block_diagonal_dot")
@@ -52,7 +54,7 @@ class XlaBlockedConfig(KernelConfig):
         "copies them as 16-bit words instead of widening bfloat16/float16 to float32 first")
 
     def invalid_reason(self, shape: DecodeShape) -> str | None:
-        if self.kv_block_size > _ceil_pow2(shape.max_len):
+        if self.kv_block_size > next_power_of_two(shape.max_len):
             return (f"kv_block_size {self.kv_block_size} exceeds the cache length "
                     f"S = {shape.max_len} rounded up to a power of two")
         blocks = shape.batch * -(-shape.max_len // self.kv_block_size)
@@ -62,13 +64,9 @@ class XlaBlockedConfig(KernelConfig):
         return None
 
     def clamp(self, shape: DecodeShape) -> XlaBlockedConfig:
-        block = min(self.kv_block_size, _ceil_pow2(shape.max_len))
+        block = min(self.kv_block_size, next_power_of_two(shape.max_len))
         blocks = shape.batch * -(-shape.max_len // block)
         return self.replace(kv_block_size=block, blocks_per_step=min(self.blocks_per_step, blocks))
-
-
-def _ceil_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def heuristic(shape: DecodeShape) -> XlaBlockedConfig:

@@ -27,18 +27,17 @@ import jax
 import jax.numpy as jnp
 
 from .. import triton_launch
-from ..gpu_limits import MAX_SHARED_MEMORY_BYTES, PORTABLE_SHARED_MEMORY_BYTES
+from ..gpu_limits import (
+    MAX_SHARED_MEMORY_BYTES, MIN_DOT_SIZE, PORTABLE_SHARED_MEMORY_BYTES, THREADS_PER_WARP,
+    TILE_REGISTERS_PER_THREAD, padded_head_dim,
+)
 from ..inputs import FEATURES, PagedArgs, PagedShape
 from ..triton_launch import Launch
-from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
+from ..tunables import (
+    POWER_OF_TWO, KernelConfig, floor_power_of_two, next_power_of_two, one_of, tunable,
+)
 from ..variant import Variant
 
-# 32-bit registers per thread the two big tiles (accumulator and logits) may take; 255 is the
-# hardware cap and the rest of the kernel needs room, past this ptxas spills.
-TILE_REGISTERS_PER_THREAD = 128
-THREADS_PER_WARP = 32
-# tl.dot needs every block dimension to be at least 16.
-MIN_DOT_SIZE = 16
 # Past these, tiles only add padding and register pressure for no gain in reuse.
 MAX_TILE_ROWS = 128
 MAX_KV_BLOCK = 256
@@ -46,15 +45,6 @@ MAX_KV_BLOCK = 256
 COMBINE_NUM_WARPS = 4
 # Programs that fill an H100 (132 SMs) about twice; the heuristic splits KV to reach it.
 TARGET_PROGRAMS = 264
-
-
-def next_power_of_two(value: int) -> int:
-    return 1 << max(int(value) - 1, 0).bit_length()
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """D rounded up to a power of two >= 16: Triton blocks are powers of two, dots >= 16."""
-    return max(MIN_DOT_SIZE, next_power_of_two(head_dim))
 
 
 def padded_group(shape: PagedShape) -> int:
@@ -194,7 +184,7 @@ def heuristic(shape: PagedShape) -> TritonPagedConfig:
     if not decode_like:
         queries = max(queries, 64 // group)
     kv_tokens = 64 if padded_head_dim(shape.head_dim) <= 128 else 32
-    pages = 1 << (max(1, kv_tokens // shape.page_size).bit_length() - 1)  # a power of two
+    pages = floor_power_of_two(kv_tokens // shape.page_size)
     splits = 1
     if decode_like:
         # Every decode sequence is a query block of its own.

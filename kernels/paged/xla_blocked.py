@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
 from ..reference import divide_or_zero, soft_cap
-from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 
 # A step's score block ([Hkv, group * queries_per_block, kv block positions], float32) above
@@ -31,11 +31,6 @@ from ..variant import Variant
 MAX_SCORE_BLOCK_ELEMENTS = 1 << 22
 
 PAGE_COPIES = ("pages", "heads")
-
-
-def floor_pow2(n: int) -> int:
-    """The largest power of two <= max(n, 1)."""
-    return 1 << (max(int(n), 1).bit_length() - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +46,10 @@ class XlaBlockedConfig(KernelConfig):
         "how a KV block leaves the cache: whole pages then a transpose, or per-head slabs")
 
     def invalid_reason(self, shape: PagedShape) -> str | None:
-        if self.kv_pages_per_block > floor_pow2(shape.pages_per_seq):
+        if self.kv_pages_per_block > floor_power_of_two(shape.pages_per_seq):
             return (f"kv_pages_per_block {self.kv_pages_per_block} exceeds pages_per_seq "
                     f"{shape.pages_per_seq} (rounded down to a power of two)")
-        if self.queries_per_block > floor_pow2(shape.num_tokens):
+        if self.queries_per_block > floor_power_of_two(shape.num_tokens):
             return (f"queries_per_block {self.queries_per_block} exceeds the query rows "
                     f"T = {shape.num_tokens} (rounded down to a power of two)")
         elements = (shape.q_heads * self.queries_per_block
@@ -65,8 +60,8 @@ class XlaBlockedConfig(KernelConfig):
         return None
 
     def clamp(self, shape: PagedShape) -> XlaBlockedConfig:
-        pages = min(self.kv_pages_per_block, floor_pow2(shape.pages_per_seq))
-        queries = min(self.queries_per_block, floor_pow2(shape.num_tokens))
+        pages = min(self.kv_pages_per_block, floor_power_of_two(shape.pages_per_seq))
+        queries = min(self.queries_per_block, floor_power_of_two(shape.num_tokens))
         while (queries > 1 and shape.q_heads * queries * pages * shape.page_size
                > MAX_SCORE_BLOCK_ELEMENTS):
             queries //= 2
@@ -80,7 +75,7 @@ def heuristic(shape: PagedShape) -> XlaBlockedConfig:
     """About 512 cache positions (at most 128 pages) per KV step and 64 query rows per
     prefill block: the fastest measured on CPU."""
     return XlaBlockedConfig(
-        kv_pages_per_block=min(floor_pow2(max(512 // shape.page_size, 1)), 128),
+        kv_pages_per_block=min(floor_power_of_two(max(512 // shape.page_size, 1)), 128),
         queries_per_block=64,
         page_copy="pages",
     ).clamp(shape)

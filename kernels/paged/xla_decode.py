@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
-from ..tunables import POWER_OF_TWO, KernelConfig, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked
 from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, PAGE_COPIES, Layout, Softmax, block_scores,
-                          cdiv, empty_softmax, floor_pow2, gather_kv_block, loop_variant,
-                          sequence_layout, softmax_finish, softmax_update)
+                          cdiv, empty_softmax, gather_kv_block, loop_variant, sequence_layout,
+                          softmax_finish, softmax_update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +44,11 @@ class XlaDecodeConfig(KernelConfig):
         "how a KV block leaves the cache: whole pages then a transpose, or per-head slabs")
 
     def invalid_reason(self, shape: PagedShape) -> str | None:
-        if self.kv_pages_per_block > floor_pow2(shape.pages_per_seq):
+        if self.kv_pages_per_block > floor_power_of_two(shape.pages_per_seq):
             return (f"kv_pages_per_block {self.kv_pages_per_block} exceeds pages_per_seq "
                     f"{shape.pages_per_seq} (rounded down to a power of two)")
         total_blocks = shape.max_seqs * cdiv(shape.pages_per_seq, self.kv_pages_per_block)
-        if self.blocks_per_step > floor_pow2(total_blocks):
+        if self.blocks_per_step > floor_power_of_two(total_blocks):
             return (f"blocks_per_step {self.blocks_per_step} exceeds the KV blocks of the whole "
                     f"page table ({total_blocks}, rounded down to a power of two)")
         elements = (shape.q_heads * self.blocks_per_step
@@ -62,9 +62,9 @@ class XlaDecodeConfig(KernelConfig):
         def too_big(rows: int, pages: int) -> bool:
             return shape.q_heads * rows * pages * shape.page_size > MAX_SCORE_BLOCK_ELEMENTS
 
-        pages = min(self.kv_pages_per_block, floor_pow2(shape.pages_per_seq))
+        pages = min(self.kv_pages_per_block, floor_power_of_two(shape.pages_per_seq))
         total_blocks = shape.max_seqs * cdiv(shape.pages_per_seq, pages)
-        steps = min(self.blocks_per_step, floor_pow2(total_blocks))
+        steps = min(self.blocks_per_step, floor_power_of_two(total_blocks))
         while steps > 1 and too_big(steps, pages):
             steps //= 2
         while pages > 1 and too_big(steps, pages):
@@ -83,7 +83,7 @@ def fallback_config(config: XlaDecodeConfig, num_tokens: int) -> xla_blocked.Xla
     """The xla_blocked config that batches with prefill rows run with."""
     return xla_blocked.XlaBlockedConfig(
         kv_pages_per_block=config.kv_pages_per_block,
-        queries_per_block=min(config.prefill_queries_per_block, floor_pow2(num_tokens)),
+        queries_per_block=min(config.prefill_queries_per_block, floor_power_of_two(num_tokens)),
         page_copy=config.page_copy)
 
 
@@ -95,7 +95,7 @@ def heuristic(shape: PagedShape) -> XlaDecodeConfig:
     short contexts (-20% on 64 long-tail contexts) and tie on long ones.
     """
     return XlaDecodeConfig(
-        kv_pages_per_block=min(floor_pow2(max(256 // shape.page_size, 1)), 128),
+        kv_pages_per_block=min(floor_power_of_two(max(256 // shape.page_size, 1)), 128),
         blocks_per_step=4,
         prefill_queries_per_block=64,
         page_copy="pages",
