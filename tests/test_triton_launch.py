@@ -236,7 +236,10 @@ def test_modules_import_without_triton_or_torch():
             "for name in ('triton', 'jax_triton', 'torch'): sys.modules[name] = None\n"
             "from attnbench.kernels import gpu_limits, triton_launch\n"
             "from attnbench.kernels.decode import triton_splitkv\n"
-            "from attnbench.kernels.paged import triton_paged\n")
+            "from attnbench.kernels.paged import triton_paged\n"
+            "from attnbench.kernels import registry\n"
+            "listed = {(v.op, v.name) for v in registry.VARIANTS}\n"
+            "assert {('decode', 'triton_splitkv'), ('paged', 'triton')} <= listed\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
