@@ -121,7 +121,7 @@ def _check_int(name: str, array: Any, shape: tuple[int, ...], layout: str) -> No
         raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(array.shape)}")
 
 
-def _window_left(sliding_window: Any) -> int | None:
+def window_left_of(sliding_window: Any) -> int | None:
     """int W -> W - 1; (left, right) -> left. None -> no window.
 
     The right extent never matters: in both operators a key after the query position is
@@ -227,7 +227,7 @@ def prepare_decode(
     _check_heads(q_heads, kv_heads, "query", "key")
     _check_int("sequence_start", sequence_start, (batch,), "int32 [B]")
     _check_int("sequence_end", sequence_end, (batch,), "int32 [B]")
-    window_left = _window_left(sliding_window)
+    window_left = window_left_of(sliding_window)
     soft_cap = _scalar("logits_soft_cap", logits_soft_cap, None)
     scale = _scalar("softmax_scale", softmax_scale, head_dim**-0.5)
     args = DecodeArgs(
@@ -278,7 +278,7 @@ def prepare_paged(
         )
     if not jnp.issubdtype(num_seqs.dtype, jnp.integer):
         raise TypeError(f"num_seqs must be an integer, got dtype {_dtype_name(num_seqs)}")
-    window_left = _window_left(sliding_window)
+    window_left = window_left_of(sliding_window)
     soft_cap = _scalar("logits_soft_cap", logits_soft_cap, None)
     scale = _scalar("softmax_scale", softmax_scale, head_dim**-0.5)
     args = PagedArgs(

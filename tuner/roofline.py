@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnbench.kernels.inputs import window_left_of
+
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache reported by sysfs (32 MiB when none is reported)."""
@@ -56,13 +58,11 @@ def decode_bytes(args: tuple, kwargs: dict) -> int:
 
     args as decode_attention takes them (query, key, value, sequence_start, sequence_end).
     """
-    from attnbench.kernels.inputs import _window_left
-
     query, key, _, start, end = args[:5]
     _, max_len, kv_heads, head_dim = key.shape
     end = np.clip(np.asarray(end), 0, max_len)
     low = np.clip(np.asarray(start), 0, max_len)
-    window_left = _window_left(kwargs.get("sliding_window"))
+    window_left = window_left_of(kwargs.get("sliding_window"))
     if window_left is not None:
         low = np.maximum(low, end - 1 - window_left)
     rows = int(np.maximum(end - low, 0).sum())
@@ -72,15 +72,13 @@ def decode_bytes(args: tuple, kwargs: dict) -> int:
 
 def paged_bytes(args: tuple, kwargs: dict) -> int:
     """Bytes ragged_paged_attention must move (args as the operator takes them)."""
-    from attnbench.kernels.inputs import _window_left
-
     queries, kv_pages, context_lens, _, query_start_loc, num_seqs = args[:6]
     head_dim = kv_pages.shape[-1]
     kv_heads = kv_pages.shape[2] // 2
     contexts = np.asarray(context_lens)
     starts = np.asarray(query_start_loc)
     active = int(np.asarray(num_seqs).reshape(()))
-    window_left = _window_left(kwargs.get("sliding_window"))
+    window_left = window_left_of(kwargs.get("sliding_window"))
     rows = 0
     for i in range(active):
         context = int(contexts[i])
