@@ -47,7 +47,7 @@ def _parse_features(features: str) -> frozenset[str]:
 
 @app.command("list")
 def list_variants(
-    op: Optional[str] = typer.Option(None, help="Only this op: decode or paged."),
+    op: Optional[str] = typer.Option(None, help="Only this operator (decode, paged, ...)."),
     format: str = typer.Option("text", help="text (for people) or json (for tools)."),
 ) -> None:
     """List every kernel variant: platforms, features and config space."""
@@ -78,7 +78,7 @@ def list_variants(
 
 @app.command()
 def lookup(
-    op: str = typer.Option(..., help="decode or paged."),
+    op: str = typer.Option(..., help="The operator: decode, paged, ..."),
     dtype: str = typer.Option("bfloat16", help="Key/value dtype."),
     q_heads: int = typer.Option(..., help="Query heads Hq."),
     kv_heads: int = typer.Option(..., help="Key/value heads Hkv."),
@@ -96,22 +96,18 @@ def lookup(
     """Print the variant and config an operator call would use, and where it came from."""
     import warnings
 
-    from attnbench.kernels import DecodeShape, PagedShape, choose
+    from attnbench.kernels import choose, get_operator
     from attnbench.kernels.table import key_text
 
     feature_set = _parse_features(features)
-    if op == "decode":
-        shape = DecodeShape(batch=batch, max_len=max_len, q_heads=q_heads, kv_heads=kv_heads,
-                            head_dim=head_dim, dtype=dtype, features=feature_set)
-    elif op == "paged":
-        pages_per_seq = -(-max_len // page_size)
-        seqs = max_seqs or tokens
-        shape = PagedShape(num_tokens=tokens, max_seqs=seqs, pages_per_seq=pages_per_seq,
-                           page_size=page_size, num_pages=seqs * pages_per_seq, q_heads=q_heads,
-                           kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                           features=feature_set)
-    else:
-        raise typer.BadParameter("must be decode or paged", param_hint="--op")
+    try:
+        operator = get_operator(op)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--op") from None
+    shape = operator.lookup_shape(
+        q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+        features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
+                                     "page_size": page_size, "max_seqs": max_seqs})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untuned case is reported below instead
         choice = choose(shape, variant=variant, device_kind=device_kind, platform=platform)
@@ -131,7 +127,7 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
         typer.echo(f"{path}: no such file", err=True)
         raise typer.Exit(2)
     if path.suffix in (".yaml", ".yml"):
-        from attnbench.tuner import sweep_file
+        from attnbench.tuner.plan import sweep_file
 
         problems = sweep_file.sweep_problems_in_file(path)
         for warning in [] if problems else sweep_file.sweep_warnings_in_file(path):
@@ -159,8 +155,9 @@ def demo(
     import jax
 
     from attnbench import kernels
-    from attnbench.tuner.accuracy import compare
-    from attnbench.tuner.problems import DecodeProblem, PagedProblem
+    from attnbench.kernels.decode.problem import DecodeProblem
+    from attnbench.kernels.paged.problem import PagedProblem
+    from attnbench.tuner.measure.accuracy import compare
 
     problems = [
         ("decode_attention", kernels.decode_attention,
@@ -197,10 +194,10 @@ def bench(
         help="Change a field of the problem, named as in a sweep file's problem entry "
              "(repeatable): --set model=starcoder-15b --set context=4096 --set batch=1."),
 ) -> None:
-    """Time each variant on the issue's problem; print median, memory floor and their ratio."""
-    from attnbench.tuner import roofline
-    from attnbench.tuner.bench import BENCH_PROBLEMS, bench_problem, run_bench
-    from attnbench.tuner.sweep_file import SweepFileError
+    """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
+    from attnbench.tuner.measure import roofline
+    from attnbench.tuner.measure.bench import BENCH_PROBLEMS, bench_problem, run_bench
+    from attnbench.tuner.plan.sweep_file import SweepFileError
 
     if problem not in BENCH_PROBLEMS:
         raise typer.BadParameter(f"choose from {list(BENCH_PROBLEMS)}", param_hint="PROBLEM")
@@ -261,7 +258,9 @@ def sweep(
                                          "targets of its devices (attnbench check); run nothing."),
 ) -> None:
     """Tune this device: run a sweep file, record every measurement, install the winners."""
-    from attnbench.tuner import runner, sweep_file as sweep_files
+    from attnbench.tuner import sweep as runner
+    from attnbench.tuner.measure.processes import probe_environment
+    from attnbench.tuner.plan import sweep_file as sweep_files
 
     try:
         if resume is not None:
@@ -274,7 +273,7 @@ def sweep(
         elif sweep_file is not None:
             path = sweep_file
         else:
-            environment = runner.probe_environment(measure_bandwidth=False)
+            environment = probe_environment(measure_bandwidth=False)
             path = sweep_files.sweep_for_device(environment["device_kind"],
                                                 environment["device_kind_raw"])
             typer.echo(f"device {environment['device_kind']}: using {path}")
@@ -282,7 +281,7 @@ def sweep(
             runner.dry_run(path, shard=_parse_shard(shard), echo=typer.echo)
             return
         if check_only:
-            from attnbench.tuner import static_check
+            from attnbench.tuner.check import static_check
 
             targets = static_check.targets_of_sweep(sweep_files.load_sweep(path))
             if not targets:
@@ -310,7 +309,8 @@ def check(
 ) -> None:
     """Compile every GPU config a sweep would run for real CUDA targets (no GPU needed);
     report shared memory, registers and spills, and which configs cannot launch."""
-    from attnbench.tuner import cuda_check, static_check, sweep_file as sweep_files
+    from attnbench.tuner.check import cuda_check, static_check
+    from attnbench.tuner.plan import sweep_file as sweep_files
 
     try:
         targets = [cuda_check.parse_target(t) for t in target]
@@ -340,8 +340,8 @@ def merge(
                                  help="Install the merged winners into the user's tuned table."),
 ) -> None:
     """Join the runs of one sweep file (e.g. --shard runs) into one run folder and table."""
-    from attnbench.tuner import runner
-    from attnbench.tuner.sweep_file import SweepFileError
+    from attnbench.tuner import sweep as runner
+    from attnbench.tuner.plan.sweep_file import SweepFileError
 
     try:
         runner.merge_runs(run_dirs, out=out, install_winners=install, echo=typer.echo)

@@ -1,15 +1,23 @@
 """The attention operators and everything that picks their kernels.
 
     from attnbench.kernels import decode_attention, ragged_paged_attention
+
+Their contract is docs/semantics.md.
 """
 
-from .inputs import DecodeShape, PagedShape
+# The registry first: it imports every operator package, whose public functions reach back
+# to the lookup (and so to the registry) only when called.
+from .registry import OPERATORS, VARIANTS, get_operator, get_variant, variants  # isort: skip
+from .decode.inputs import DecodeShape
+from .decode.operator import decode_attention
 from .lookup import choose
-from .operators import check_inputs, decode_attention, ragged_paged_attention
-from .registry import VARIANTS, get_variant, variants
+from .paged.inputs import PagedShape
+from .paged.operator import ragged_paged_attention
+from .run import check_inputs
 from .variant import UnsupportedError
 
 __all__ = [
-    "DecodeShape", "PagedShape", "UnsupportedError", "VARIANTS", "check_inputs", "choose",
-    "decode_attention", "get_variant", "ragged_paged_attention", "variants",
+    "DecodeShape", "OPERATORS", "PagedShape", "UnsupportedError", "VARIANTS", "check_inputs",
+    "choose", "decode_attention", "get_operator", "get_variant", "ragged_paged_attention",
+    "variants",
 ]

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from . import registry
-from .inputs import DecodeShape, PagedShape
 from .platform import current_device_kind, current_platform
 from .table import Entry, Table, TableError, key_distance, key_text, make_key, read_table
 from .tunables import KernelConfig
@@ -34,14 +36,16 @@ TUNED_ENV = "ATTNBENCH_TUNED"
 
 
 def user_tuned_dir() -> Path:
-    """Where `attnbench sweep` installs tuned tables for this user."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "attnbench" / "tuned"
+    """Where `attnbench sweep` installs tuned tables for this user (the user data folder:
+    ``$XDG_DATA_HOME/attnbench/tuned`` on Linux)."""
+    return platformdirs.user_data_path("attnbench") / "tuned"
 
 
 def shipped_tuned_dir() -> Path:
     """The tables that ship inside the package (results/tuned/)."""
-    return Path(__file__).resolve().parent.parent / "results" / "tuned"
+    # Installed packages are plain folders (the package data is not zipped), so the
+    # resource is a real path the table reader can stat and glob.
+    return Path(str(importlib.resources.files("attnbench") / "results" / "tuned"))
 
 
 def table_sources() -> list[tuple[str, Path]]:
@@ -150,7 +154,7 @@ def _warn_untuned(key: dict[str, Any], variant: Variant) -> None:
         warnings.warn(
             f"attnbench: no tuned config for {text}; using variant {variant.name!r} with its "
             "heuristic default config (run `attnbench sweep` to tune this device)",
-            stacklevel=4,
+            stacklevel=6,  # the user's call of the operator
         )
 
 
@@ -165,7 +169,7 @@ def _sources_signature() -> tuple:
 
 
 def choose(
-    shape: DecodeShape | PagedShape,
+    shape: Any,
     *,
     variant: str | None = None,
     config: Mapping[str, Any] | None = None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .inputs import DecodeArgs, PagedArgs
+from .decode.inputs import DecodeArgs
+from .paged.inputs import PagedArgs
 from .tunables import NoConfig
 from .variant import Variant
 

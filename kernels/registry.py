@@ -1,23 +1,33 @@
-"""Every kernel variant attnbench knows, in one list, and the default per platform.
+"""Every operator and every kernel variant attnbench knows, and the default per platform.
 
-To add a variant: write its module (kernel, config dataclass, heuristic, ``VARIANT``),
-add it to ``VARIANTS`` below, and, if it should be the untuned choice somewhere, to
-``DEFAULT_VARIANT``. Variant modules import heavy toolchains (triton, torch) lazily, so
-importing this registry stays cheap on any install.
+To add a variant: write its module (kernel, config dataclass, heuristic, ``VARIANT``), add
+it to ``VARIANTS`` below and, if it should be the untuned choice somewhere, to
+``DEFAULT_VARIANT``. To add an operator: write its package (``kernels/<op>/``: inputs,
+problem, operator object, reference, variants) and add its ``OPERATOR`` to ``OPERATORS``.
+Variant modules import heavy toolchains (triton, torch) lazily, so importing this registry
+stays cheap on any install.
 """
 
 from __future__ import annotations
 
 from . import reference
-from .decode import xla_blocked as decode_xla_blocked
-from .decode import xla_dense as decode_xla_dense
+from .decode import operator as decode_operator
 from .decode import pallas_tpu as decode_pallas_tpu
 from .decode import triton_splitkv as decode_triton_splitkv
+from .decode import xla_blocked as decode_xla_blocked
+from .decode import xla_dense as decode_xla_dense
+from .operator import Operator
+from .paged import operator as paged_operator
 from .paged import pallas_tpu as paged_pallas_tpu
 from .paged import triton_paged as paged_triton
 from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
 from .variant import Variant
+
+OPERATORS: tuple[Operator, ...] = (
+    decode_operator.OPERATOR,
+    paged_operator.OPERATOR,
+)
 
 VARIANTS: tuple[Variant, ...] = (
     reference.DECODE_VARIANT,
@@ -42,9 +52,20 @@ DEFAULT_VARIANT: dict[tuple[str, str], str] = {
     ("paged", "tpu"): "pallas_tpu",
 }
 
+OPERATOR_NAMES = tuple(operator.name for operator in OPERATORS)
+assert all(v.op in OPERATOR_NAMES for v in VARIANTS), "a variant names an unknown operator"
+
+
+def get_operator(name: str) -> Operator:
+    """The operator called `name` ("decode", "paged"); a ValueError listing them otherwise."""
+    for operator in OPERATORS:
+        if operator.name == name:
+            return operator
+    raise ValueError(f"op: unknown operator {name!r}; known: {list(OPERATOR_NAMES)}")
+
 
 def variants(op: str | None = None) -> tuple[Variant, ...]:
-    """All registered variants, or those of one op ("decode" or "paged")."""
+    """All registered variants, or those of one operator."""
     return tuple(v for v in VARIANTS if op is None or v.op == op)
 
 

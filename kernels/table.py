@@ -1,11 +1,12 @@
-"""Tuned tables: the JSON file format, its keys, and schema checking.
+"""Tuned tables: the JSON file format, its keys, and its schema (pydantic).
 
 A table is ``{"schema_version": 1, "meta": {...}, "entries": [...]}``. Each entry says: for
-this key (device kind, op, dtype, head counts, head dim, page size, features and bucketed
-sizes), use this variant with this config; it measured this time in that sweep run.
+this key (device kind, op, dtype, head counts, head dim, the op's own fields such as page
+size, features and bucketed sizes), use this variant with this config; it measured this
+time in that sweep run.
 
-Keys are bucketed so that one tuned shape serves its neighbours: the size axes (batch or
-token count, longest context) are rounded up to a power of two, and lookup picks the
+Keys are bucketed so that one tuned shape serves its neighbours: the op's size axes (batch
+or token count, longest context) are rounded up to a power of two, and lookup picks the
 nearest bucket by log2 distance.
 """
 
@@ -17,15 +18,23 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .inputs import FEATURES, SUPPORTED_DTYPES, DecodeShape, PagedShape
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .inputs import FEATURES, SUPPORTED_DTYPES
+from .schema import located_problems
 from .tunables import next_power_of_two
 
 SCHEMA_VERSION = 1
 
-# Fields of a key that must match exactly, and the size axes matched by nearest bucket.
+# Fields of a key that must match exactly; each op's size axes are matched by nearest bucket.
 DISCRETE_FIELDS = ("device_kind", "op", "dtype", "q_heads", "kv_heads", "head_dim",
                    "page_size", "features")
-SIZE_AXES = {"decode": ("batch", "max_len"), "paged": ("tokens", "max_len")}
+
+
+def _operator(name: str):
+    from .registry import get_operator  # the registry imports every operator package
+
+    return get_operator(name)
 
 
 def bucket(size: int) -> int:
@@ -33,8 +42,9 @@ def bucket(size: int) -> int:
     return next_power_of_two(size)
 
 
-def make_key(shape: DecodeShape | PagedShape, device_kind: str) -> dict[str, Any]:
-    """The table key of a call: discrete fields plus bucketed size axes."""
+def make_key(shape: Any, device_kind: str) -> dict[str, Any]:
+    """The table key of a call: discrete fields plus the op's bucketed size axes."""
+    operator = _operator(shape.op)
     key: dict[str, Any] = {
         "device_kind": device_kind,
         "op": shape.op,
@@ -42,21 +52,17 @@ def make_key(shape: DecodeShape | PagedShape, device_kind: str) -> dict[str, Any
         "q_heads": shape.q_heads,
         "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
-        "page_size": getattr(shape, "page_size", None),
+        **operator.key_fields(shape),
         "features": sorted(shape.features),
     }
-    if isinstance(shape, DecodeShape):
-        key["batch"] = bucket(shape.batch)
-    else:
-        key["tokens"] = bucket(shape.num_tokens)
-    key["max_len"] = bucket(shape.max_len)
+    key.update({axis: bucket(size) for axis, size in operator.key_sizes(shape).items()})
     return key
 
 
 def key_text(key: dict[str, Any]) -> str:
     """A short human-readable form of a key, for warnings and reports."""
     features = "+".join(key["features"]) or "none"
-    sizes = " ".join(f"{axis}={key[axis]}" for axis in SIZE_AXES[key["op"]])
+    sizes = " ".join(f"{axis}={key[axis]}" for axis in _operator(key["op"]).size_axes)
     page = f" page_size={key['page_size']}" if key.get("page_size") is not None else ""
     return (f"{key['device_kind']}/{key['op']} {key['dtype']} Hq={key['q_heads']} "
             f"Hkv={key['kv_heads']} D={key['head_dim']}{page} features={features} {sizes}")
@@ -68,7 +74,144 @@ def key_distance(wanted: dict[str, Any], candidate: dict[str, Any]) -> float | N
         if wanted.get(field) != candidate.get(field):
             return None
     return sum(abs(math.log2(wanted[axis]) - math.log2(candidate[axis]))
-               for axis in SIZE_AXES[wanted["op"]])
+               for axis in _operator(wanted["op"]).size_axes)
+
+
+# ---- The schema ---------------------------------------------------------------------------
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class KeySchema(BaseModel):
+    """A table key; the op's own fields and size axes are checked by its operator object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    device_kind: str
+    op: str
+    dtype: str
+    q_heads: Any
+    kv_heads: Any
+    head_dim: Any
+    page_size: Any = None
+    features: Any
+
+    @field_validator("device_kind")
+    @classmethod
+    def _device_kind(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must be a non-empty string")
+        return value
+
+    @field_validator("op")
+    @classmethod
+    def _op(cls, value: str) -> str:
+        from .registry import OPERATOR_NAMES
+
+        if value not in OPERATOR_NAMES:
+            raise ValueError(f"must be one of {list(OPERATOR_NAMES)}, got {value!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in SUPPORTED_DTYPES:
+            raise ValueError(f"must be one of {list(SUPPORTED_DTYPES)}, got {value!r}")
+        return value
+
+    @field_validator("q_heads", "kv_heads", "head_dim")
+    @classmethod
+    def _positive(cls, value: Any) -> int:
+        if not _positive_int(value):
+            raise ValueError(f"must be a positive int, got {value!r}")
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: Any) -> list[str]:
+        if (not isinstance(value, list) or not all(isinstance(f, str) for f in value)
+                or not set(value) <= set(FEATURES) or value != sorted(value)):
+            raise ValueError(f"must be a sorted list drawn from {list(FEATURES)}, got {value!r}")
+        return value
+
+
+class EntrySchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    op: str
+    variant: str
+    key: dict[str, Any]
+    config: dict[str, Any]
+    time_us: float | None = None
+    source: dict[str, Any] = {}
+
+    @field_validator("time_us", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= 0):
+            raise ValueError("must be a number >= 0 or null")
+        return value
+
+
+class TableSchema(BaseModel):
+    schema_version: int
+    meta: dict[str, Any]
+    entries: list[dict[str, Any]]
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> int:
+        if value != SCHEMA_VERSION or isinstance(value, bool):
+            raise ValueError(f"must be {SCHEMA_VERSION}, got {value!r}")
+        return value
+
+
+def _key_problems(key: dict[str, Any], where: str) -> list[str]:
+    from .registry import OPERATOR_NAMES
+
+    problems = []
+    try:
+        KeySchema.model_validate(key)
+    except ValidationError as error:
+        problems += located_problems(error, (where,))
+    if key.get("op") not in OPERATOR_NAMES:
+        return problems
+    operator = _operator(key["op"])
+    problems += operator.key_field_problems(key, where)
+    for axis in operator.size_axes:
+        value = key.get(axis)
+        if not _positive_int(value) or value & (value - 1):
+            problems.append(f"{where}.{axis}: must be a power of two, got {value!r}")
+    return problems
+
+
+def table_problems(data: Any) -> list[str]:
+    """Every schema problem of a parsed table, each prefixed with its location."""
+    if not isinstance(data, dict):
+        return ["(top level): must be an object with schema_version, meta and entries"]
+    try:
+        table = TableSchema.model_validate(data)
+    except ValidationError as error:
+        return located_problems(error)
+    problems = []
+    for index, entry in enumerate(table.entries):
+        where = f"entries[{index}]"
+        try:
+            checked = EntrySchema.model_validate(entry)
+        except ValidationError as error:
+            problems += located_problems(error, (where,))
+            continue
+        key_problems = _key_problems(checked.key, f"{where}.key")
+        problems += key_problems
+        if not key_problems and checked.key["op"] != checked.op:
+            problems.append(f"{where}.key.op: must equal {where}.op")
+    return problems
+
+
+# ---- Tables in memory ---------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,78 +241,6 @@ class Table:
             "meta": self.meta,
             "entries": [entry.to_json() for entry in self.entries],
         }
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _key_problems(key: Any, where: str) -> list[str]:
-    if not isinstance(key, dict):
-        return [f"{where}: must be an object"]
-    problems = []
-    op = key.get("op")
-    if op not in SIZE_AXES:
-        problems.append(f"{where}.op: must be one of {list(SIZE_AXES)}, got {op!r}")
-    if not isinstance(key.get("device_kind"), str) or not key.get("device_kind"):
-        problems.append(f"{where}.device_kind: must be a non-empty string")
-    if key.get("dtype") not in SUPPORTED_DTYPES:
-        problems.append(f"{where}.dtype: must be one of {list(SUPPORTED_DTYPES)}, "
-                        f"got {key.get('dtype')!r}")
-    for field in ("q_heads", "kv_heads", "head_dim"):
-        if not _positive_int(key.get(field)):
-            problems.append(f"{where}.{field}: must be a positive int, got {key.get(field)!r}")
-    page_size = key.get("page_size")
-    if op == "paged" and not _positive_int(page_size):
-        problems.append(f"{where}.page_size: must be a positive int for op paged, "
-                        f"got {page_size!r}")
-    if op == "decode" and page_size is not None:
-        problems.append(f"{where}.page_size: must be null for op decode, got {page_size!r}")
-    features = key.get("features")
-    if not isinstance(features, list) or not set(features) <= set(FEATURES) or (
-            features != sorted(features)):
-        problems.append(f"{where}.features: must be a sorted list drawn from {list(FEATURES)}, "
-                        f"got {features!r}")
-    for axis in SIZE_AXES.get(op, ()):
-        value = key.get(axis)
-        if not _positive_int(value) or value & (value - 1):
-            problems.append(f"{where}.{axis}: must be a power of two, got {value!r}")
-    return problems
-
-
-def table_problems(data: Any) -> list[str]:
-    """Every schema problem of a parsed table, each prefixed with its location."""
-    if not isinstance(data, dict):
-        return ["(top level): must be an object with schema_version, meta and entries"]
-    problems = []
-    if data.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema_version: must be {SCHEMA_VERSION}, "
-                        f"got {data.get('schema_version')!r}")
-    if not isinstance(data.get("meta"), dict):
-        problems.append("meta: must be an object")
-    entries = data.get("entries")
-    if not isinstance(entries, list):
-        return problems + ["entries: must be a list"]
-    for index, entry in enumerate(entries):
-        where = f"entries[{index}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: must be an object")
-            continue
-        if entry.get("op") not in SIZE_AXES:
-            problems.append(f"{where}.op: must be one of {list(SIZE_AXES)}, got {entry.get('op')!r}")
-        if not isinstance(entry.get("variant"), str):
-            problems.append(f"{where}.variant: must be a string")
-        if not isinstance(entry.get("config"), dict):
-            problems.append(f"{where}.config: must be an object")
-        problems += _key_problems(entry.get("key"), f"{where}.key")
-        if isinstance(entry.get("key"), dict) and entry["key"].get("op") != entry.get("op"):
-            problems.append(f"{where}.key.op: must equal {where}.op")
-        time_us = entry.get("time_us")
-        if time_us is not None and not (isinstance(time_us, (int, float)) and time_us >= 0):
-            problems.append(f"{where}.time_us: must be a number >= 0 or null")
-        if not isinstance(entry.get("source", {}), dict):
-            problems.append(f"{where}.source: must be an object")
-    return problems
 
 
 class TableError(ValueError):

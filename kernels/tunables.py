@@ -36,6 +36,11 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def cdiv(numerator, denominator):
+    """Ceiling division, for ints, NumPy and JAX arrays alike (exact for negative numerators)."""
+    return -(-numerator // denominator)
+
+
 def floor_power_of_two(n: int) -> int:
     """The largest power of two <= max(n, 1)."""
     return 1 << (max(int(n), 1).bit_length() - 1)

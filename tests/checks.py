@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from attnbench import kernels
-from attnbench.tuner.accuracy import compare
+from attnbench.tuner.measure.accuracy import compare
 
 OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from attnbench.cli import app
 from attnbench.kernels import lookup, registry
-from attnbench.kernels.inputs import DecodeShape
+from attnbench.kernels import DecodeShape
 from attnbench.kernels.table import SCHEMA_VERSION, make_key
 
 runner = CliRunner()
@@ -86,8 +86,8 @@ def test_demo_runs_both_operators_correctly():
 
 
 def test_bench_problem_overrides_use_sweep_field_names():
-    from attnbench.tuner.bench import bench_problem
-    from attnbench.tuner.problems import DecodeProblem
+    from attnbench.tuner.measure.bench import bench_problem
+    from attnbench.kernels.decode.problem import DecodeProblem
 
     assert bench_problem("decode") == DecodeProblem(
         batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16",

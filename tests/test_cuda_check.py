@@ -10,8 +10,9 @@ import jax_triton  # noqa: F401 -- fails loudly without the CUDA plugin
 import pytest
 
 from attnbench.kernels import registry
-from attnbench.tuner import cuda_check
-from attnbench.tuner.problems import DecodeProblem, PagedProblem
+from attnbench.tuner.check import cuda_check
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.paged.problem import PagedProblem
 
 DECODE = DecodeProblem(batch=4, max_len=1024, q_heads=32, kv_heads=8, head_dim=128,
                        sinks=True, sliding_window=256)
@@ -77,8 +78,8 @@ def test_check_a_slice_of_the_shipped_gpu_sweeps(tmp_path):
     compile for sm_90 and sm_80, and the CSV says so."""
     import csv
 
-    from attnbench.tuner import static_check
-    from attnbench.tuner.sweep_file import sweeps_dir
+    from attnbench.tuner.check import static_check
+    from attnbench.tuner.plan.sweep_file import sweeps_dir
 
     for sweep, target in (("nvidia-h100.yaml", "sm_90"), ("nvidia-a100.yaml", "sm_80")):
         out = tmp_path / f"{target}.csv"
@@ -95,8 +96,10 @@ def test_check_a_slice_of_the_shipped_gpu_sweeps(tmp_path):
 
 
 def test_refused_configs_become_skipped_static(tmp_path):
-    from attnbench.tuner import runner, static_check
-    from attnbench.tuner.sweep_file import load_sweep, sweeps_dir
+    from attnbench.tuner import sweep as runner
+from attnbench.tuner.check import static_check
+from attnbench.tuner.plan import planning
+    from attnbench.tuner.plan.sweep_file import load_sweep, sweeps_dir
 
     spec = load_sweep(sweeps_dir() / "nvidia-h100.yaml")
     item, candidate = static_check.checked_candidates(spec, (0, 1))[0]
@@ -105,19 +108,19 @@ def test_refused_configs_become_skipped_static(tmp_path):
         ",".join(static_check.CSV_COLUMNS) + "\n"
         + f'{space_id(item)},x,{candidate.variant.name},"{quoted(candidate.config)}",sm_90,'
           'unlaunchable,too much shared memory,k,1x1x1,4,2,999999,64,0\n')
-    plans = runner.plan(spec, (0, 1), "gpu")
+    plans = planning.plan(spec, (0, 1), "gpu")
     assert static_check.prune(plans, static_check.read_verdicts(csv_path)) == 1
     pruned = [c for p in plans for c in p.candidates if c.skip_status == "skipped_static"]
     assert len(pruned) == 1 and "too much shared memory" in pruned[0].skip_reason
 
 
 def space_id(item):
-    from attnbench.tuner import space
+    from attnbench.tuner.plan import space
 
     return space.problem_id(item.problem)
 
 
 def quoted(config):
-    from attnbench.tuner import space
+    from attnbench.tuner.plan import space
 
     return space.canonical(config).replace('"', '""')

@@ -19,12 +19,13 @@ pytest.importorskip("triton")
 pytest.importorskip("torch")
 
 from attnbench import kernels  # noqa: E402
-from attnbench.kernels import gpu_limits, inputs  # noqa: E402
+from attnbench.kernels import gpu_limits  # noqa: E402
 from attnbench.kernels.decode import triton_splitkv  # noqa: E402
 from attnbench.kernels.decode.triton_splitkv import TritonSplitKVConfig  # noqa: E402
-from attnbench.kernels.inputs import DecodeShape  # noqa: E402
+from attnbench.kernels import DecodeShape  # noqa: E402
 from attnbench.kernels.tunables import sample_configs  # noqa: E402
-from attnbench.tuner.problems import DecodeProblem  # noqa: E402
+from attnbench.kernels.decode.problem import DecodeProblem  # noqa: E402
+from attnbench.kernels.decode import inputs as decode_inputs
 from checks import run_and_compare  # noqa: E402
 
 VARIANT = "triton_splitkv"
@@ -187,7 +188,7 @@ def test_an_unwritten_output_shows_as_nan():
     problem = DecodeProblem(batch=2, max_len=20, q_heads=2, kv_heads=1, head_dim=16,
                             dtype="float32")
     args, _ = problem.make_inputs(0)
-    decode_args, shape, _ = inputs.prepare_decode(*args)
+    decode_args, shape, _ = decode_inputs.prepare(*args)
     plan = triton_splitkv.launch_plan(decode_args, triton_splitkv.heuristic(shape))
     short = dataclasses.replace(plan, merge_grid=(2, 1))
     sinks = jnp.zeros((2,), jnp.float32)
@@ -239,7 +240,7 @@ def test_shared_memory_rule_allows_the_largest_gpu_and_check_judges_each():
     """The rule admits what an H100 can hold; `attnbench check` (cuda_check) tells which GPUs
     can launch it; the heuristic's fitting keeps to what every GPU has."""
     pytest.importorskip("jax_triton")
-    from attnbench.tuner import cuda_check
+    from attnbench.tuner.check import cuda_check
 
     problem = DecodeProblem(batch=2, max_len=1024, q_heads=16, kv_heads=2, head_dim=128,
                             dtype="bfloat16")
@@ -273,7 +274,7 @@ def test_invalid_config_raises_a_clear_error():
             "kv_block_size": 64, "num_stages": 5, "num_kv_splits": 1})
     with pytest.raises(ValueError, match="unknown tunable"):
         kernels.decode_attention(*args, variant=VARIANT, config={"block_k": 16}, interpret=True)
-    decode_args, shape, _ = inputs.prepare_decode(*args)
+    decode_args, shape, _ = decode_inputs.prepare(*args)
     with pytest.raises(ValueError, match="invalid config"):
         triton_splitkv.decode_attention_triton(
             decode_args, TritonSplitKVConfig(block_q_heads=64), interpret=True)
@@ -302,7 +303,7 @@ def test_exports_for_cuda():
     sinks = jax.ShapeDtypeStruct((q_heads,), jnp.float32)
 
     def decode(query, key, value, start, end, sinks):
-        args, shape, _ = inputs.prepare_decode(query, key, value, start, end,
+        args, shape, _ = decode_inputs.prepare(query, key, value, start, end,
                                                sliding_window=100, logits_soft_cap=30.0,
                                                sinks=sinks)
         config = kernels.get_variant("decode", VARIANT).default_config(shape)

@@ -13,10 +13,11 @@ from checks import run_and_compare
 from attnbench import kernels
 from attnbench.kernels import registry
 from attnbench.kernels.decode.xla_blocked import XlaBlockedConfig
-from attnbench.kernels.inputs import DecodeShape
+from attnbench.kernels import DecodeShape
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.accuracy import compare
-from attnbench.tuner.problems import DecodeProblem
+from attnbench.tuner.measure.accuracy import compare
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.decode import inputs as decode_inputs
 
 VARIANTS = ("xla_blocked", "xla_dense")
 
@@ -40,7 +41,7 @@ class FixedLengths(DecodeProblem):
 
 def shape_of(problem: DecodeProblem) -> DecodeShape:
     args, kwargs = problem.make_inputs(0)
-    _, shape, _ = kernels.inputs.prepare_decode(*args, **kwargs)
+    _, shape, _ = kernels.decode_inputs.prepare(*args, **kwargs)
     return shape
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attnbench import kernels
-from attnbench.tuner.problems import PagedProblem
+from attnbench.kernels.paged.problem import PagedProblem
 
 B, S, HQ, HKV, D = 2, 16, 4, 2, 8
 

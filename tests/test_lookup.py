@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from attnbench.kernels import lookup, registry
-from attnbench.kernels.inputs import DecodeShape
+from attnbench.kernels import DecodeShape
 from attnbench.kernels.reference import decode_attention_reference
 from attnbench.kernels.table import SCHEMA_VERSION, bucket, make_key
 from attnbench.kernels.tunables import POWER_OF_TWO, KernelConfig, tunable

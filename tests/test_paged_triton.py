@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from attnbench import kernels
-from attnbench.kernels import gpu_limits, inputs
+from attnbench.kernels import gpu_limits
 from attnbench.kernels.paged import triton_paged
 from attnbench.kernels.paged.triton_paged import TritonPagedConfig, heuristic
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.accuracy import compare
-from attnbench.tuner.problems import PagedProblem
+from attnbench.tuner.measure.accuracy import compare
+from attnbench.kernels.paged.problem import PagedProblem
+from attnbench.kernels.paged import inputs as paged_inputs
+from attnbench.kernels import PagedShape
 from checks import run_and_compare
 
 VARIANT = "triton"
@@ -28,7 +30,7 @@ SMALL = dict(q_heads=4, kv_heads=2, head_dim=32)
 
 def shape_of(problem: PagedProblem, seed: int = 0):
     args, kwargs = problem.make_inputs(seed)
-    return inputs.prepare_paged(*args, **kwargs)[1]
+    return paged_inputs.prepare(*args, **kwargs)[1]
 
 
 MIXED = PagedProblem(num_seqs=3, max_len=40, page_size=16, dtype="float32",
@@ -205,7 +207,7 @@ def test_heuristic_is_valid_for_every_shape():
             itertools.product([1, 2, 8, 16, 32, 128, 256, 512, 12],
                               [(32, 8), (8, 8), (12, 2), (64, 1), (5, 5)], [64, 80, 128, 256],
                               ["float32", "bfloat16"], [(8, 8, 512), (600, 8, 40), (1, 1, 1)])):
-        shape = inputs.PagedShape(
+        shape = PagedShape(
             num_tokens=num_tokens, max_seqs=max_seqs, pages_per_seq=pages_per_seq,
             page_size=page_size, num_pages=100, q_heads=heads[0], kv_heads=heads[1],
             head_dim=head_dim, dtype=dtype)
@@ -222,7 +224,7 @@ def test_heuristic_is_valid_for_every_shape():
 
 
 def test_shared_memory_rule_allows_the_largest_gpu_and_the_default_the_smallest():
-    shape = inputs.PagedShape(num_tokens=256, max_seqs=4, pages_per_seq=32, page_size=16,
+    shape = PagedShape(num_tokens=256, max_seqs=4, pages_per_seq=32, page_size=16,
                               num_pages=128, q_heads=32, kv_heads=8, head_dim=128,
                               dtype="bfloat16")
     # 64 tile rows, 128-key blocks, double-buffered: ~160 KiB, only for A100 and H100.
@@ -240,7 +242,7 @@ def test_shared_memory_rule_allows_the_largest_gpu_and_the_default_the_smallest(
 
 
 def test_config_rules_follow_the_shape():
-    shape = inputs.PagedShape(num_tokens=64, max_seqs=4, pages_per_seq=8, page_size=1,
+    shape = PagedShape(num_tokens=64, max_seqs=4, pages_per_seq=8, page_size=1,
                               num_pages=40, q_heads=8, kv_heads=2, head_dim=64,
                               dtype="bfloat16")
     assert "key block of 8 < 16" in TritonPagedConfig(kv_pages_per_block=8).invalid_reason(shape)
@@ -256,7 +258,7 @@ def export_for_cuda(problem: PagedProblem, config: TritonPagedConfig):
     sinks = kwargs.pop("sinks", None)
 
     def call(*arrays):
-        normalized, _ = inputs.prepare_paged(*arrays[:6], sinks=arrays[6], **kwargs)
+        normalized, _ = paged_inputs.prepare(*arrays[:6], sinks=arrays[6], **kwargs)
         return triton_paged.ragged_paged_attention_triton(normalized, config,
                                                          compute_capability=90)
 

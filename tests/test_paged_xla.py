@@ -12,10 +12,11 @@ import pytest
 
 from attnbench import kernels
 from attnbench.kernels import registry
-from attnbench.kernels.inputs import PagedShape, prepare_paged
+from attnbench.kernels import PagedShape
+from attnbench.kernels.paged.inputs import prepare as prepare_paged
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.accuracy import compare
-from attnbench.tuner.problems import PagedProblem
+from attnbench.tuner.measure.accuracy import compare
+from attnbench.kernels.paged.problem import PagedProblem
 from checks import run_and_compare
 
 VARIANTS = ("xla_blocked", "xla_decode")

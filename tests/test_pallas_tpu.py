@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 
 from attnbench import kernels
-from attnbench.kernels import inputs
 from attnbench.kernels.decode import pallas_tpu as decode_tpu
 from attnbench.kernels.paged import pallas_tpu as paged_tpu
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.problems import DecodeProblem, PagedProblem
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.paged.problem import PagedProblem
+from attnbench.kernels.decode import inputs as decode_inputs
+from attnbench.kernels.paged import inputs as paged_inputs
+from attnbench.kernels import DecodeShape
+from attnbench.kernels import PagedShape
 from checks import run_and_compare
 
 VARIANT = "pallas_tpu"
@@ -122,7 +126,7 @@ def test_decode_invalid_config_raises(dtype, config):
 
 
 def test_decode_rules():
-    shape = inputs.DecodeShape(batch=8, max_len=4096, q_heads=32, kv_heads=2, head_dim=128,
+    shape = DecodeShape(batch=8, max_len=4096, q_heads=32, kv_heads=2, head_dim=128,
                                dtype="bfloat16")
     config = decode_tpu.PallasTpuDecodeConfig
     assert "sublane tile" in config(kv_block_size=8, heads_per_block=16).invalid_reason(shape)
@@ -138,7 +142,7 @@ def test_decode_heuristic_is_valid_everywhere(dtype):
     for max_len in (1, 7, 100, 4096, 131072):
         for q_heads, kv_heads in ((1, 1), (8, 8), (12, 4), (28, 4), (64, 8), (128, 1)):
             for head_dim in (64, 96, 128, 256):
-                shape = inputs.DecodeShape(batch=4, max_len=max_len, q_heads=q_heads,
+                shape = DecodeShape(batch=4, max_len=max_len, q_heads=q_heads,
                                            kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
                 config = kernels.get_variant("decode", VARIANT).default_config(shape)
                 assert config.invalid_reason(shape) is None, (shape, config)
@@ -235,7 +239,7 @@ def test_paged_heuristic_is_valid_everywhere(dtype):
         for page_size in (8, 16, 32, 128):
             for q_heads, kv_heads in ((8, 8), (28, 4), (64, 8), (16, 1)):
                 for head_dim in (64, 128, 256):
-                    shape = inputs.PagedShape(
+                    shape = PagedShape(
                         num_tokens=num_tokens, max_seqs=64, pages_per_seq=64,
                         page_size=page_size, num_pages=4096, q_heads=q_heads,
                         kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
@@ -246,7 +250,7 @@ def test_paged_heuristic_is_valid_everywhere(dtype):
 def test_paged_work_list_covers_every_row_once():
     problem = dataclasses.replace(PAGED_MIXED, prefill_chunk=13, padding_tokens=11)
     args, kwargs = problem.make_inputs(5)
-    normalized, _ = inputs.prepare_paged(*args, **kwargs)
+    normalized, _ = paged_inputs.prepare(*args, **kwargs)
     rows, kv_rows, kv_blocks = 8, 32, 2
     work = np.asarray(paged_tpu.work_list(normalized, rows, kv_rows, kv_blocks))
     work = work.reshape(-1, paged_tpu.NUM_FIELDS)
@@ -283,12 +287,12 @@ def _export_for_tpu(function, *specs):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_both_lower_for_tpu(dtype):
     def decode(query, key, value, start, end, sinks):
-        args, shape, _ = inputs.prepare_decode(query, key, value, start, end, sliding_window=64,
+        args, shape, _ = decode_inputs.prepare(query, key, value, start, end, sliding_window=64,
                                                logits_soft_cap=30.0, sinks=sinks)
         return decode_tpu.pallas_tpu_decode(args, decode_tpu.heuristic(shape))
 
     def paged(queries, kv_pages, context_lens, page_table, query_start_loc, num_seqs, sinks):
-        args, shape = inputs.prepare_paged(queries, kv_pages, context_lens, page_table,
+        args, shape = paged_inputs.prepare(queries, kv_pages, context_lens, page_table,
                                            query_start_loc, num_seqs, sliding_window=64,
                                            logits_soft_cap=30.0, sinks=sinks)
         config = paged_tpu.PallasTpuPagedConfig(pages_per_block=4, query_rows_per_block=32)
@@ -327,7 +331,7 @@ def test_both_compile_for_tpu_with_libtpu(topology):
         for dtype in ("float32", "bfloat16", "float16"):
             for config in (None, decode_tpu.PallasTpuDecodeConfig(128, 4)):
                 def decode(query, key, value, start, end, sinks, config=config):
-                    args, shape, _ = inputs.prepare_decode(
+                    args, shape, _ = decode_inputs.prepare(
                         query, key, value, start, end, sliding_window=64,
                         logits_soft_cap=30.0, sinks=sinks)
                     chosen = config or decode_tpu.heuristic(shape)
@@ -341,7 +345,7 @@ def test_both_compile_for_tpu_with_libtpu(topology):
             for config in (None, paged_tpu.PallasTpuPagedConfig(4, 32)):
                 def paged(queries, kv_pages, context_lens, page_table, query_start_loc,
                           num_seqs, sinks, config=config):
-                    args, shape = inputs.prepare_paged(
+                    args, shape = paged_inputs.prepare(
                         queries, kv_pages, context_lens, page_table, query_start_loc,
                         num_seqs, sliding_window=64, logits_soft_cap=30.0, sinks=sinks)
                     chosen = config or paged_tpu.heuristic(shape)

@@ -7,10 +7,11 @@ import pytest
 
 import oracle
 from attnbench import kernels
-from attnbench.kernels import inputs
 from attnbench.kernels.reference import (decode_attention_reference,
                                          ragged_paged_attention_reference)
-from attnbench.tuner.problems import PagedProblem
+from attnbench.kernels.paged.problem import PagedProblem
+from attnbench.kernels.decode import inputs as decode_inputs
+from attnbench.kernels.paged import inputs as paged_inputs
 
 # Both sides read the same (already rounded) inputs and accumulate in >= float32.
 BOUND = 2e-5
@@ -35,7 +36,7 @@ def decode_case(seed, *, batch=3, max_len=40, q_heads=4, kv_heads=2, dim=16, dty
 
 
 def check_decode(arrays, **kwargs):
-    args, _, _ = inputs.prepare_decode(*arrays, **kwargs)
+    args, _, _ = decode_inputs.prepare(*arrays, **kwargs)
     got = decode_attention_reference(args)
     expected = oracle.decode(*arrays, **kwargs)
     assert got.dtype == jnp.float32
@@ -103,7 +104,7 @@ def paged_case(problem: PagedProblem, seed: int):
 
 
 def check_paged(arrays, **kwargs):
-    args, _ = inputs.prepare_paged(*arrays, **kwargs)
+    args, _ = paged_inputs.prepare(*arrays, **kwargs)
     got = ragged_paged_attention_reference(args)
     expected = oracle.paged(*arrays, **kwargs)
     assert relative_error(got, expected) < BOUND

@@ -14,12 +14,12 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from attnbench.cli import app
-from attnbench.kernels.inputs import DecodeShape, PagedShape
+from attnbench.kernels import DecodeShape, PagedShape
 from attnbench.kernels.table import make_key
-from attnbench.tuner import records as run_files
-from attnbench.tuner.install import run_table, write_table
+from attnbench.tuner.results import records as run_files
+from attnbench.tuner.results.install import run_table, write_table
 from attnbench.tuner.report import write_report
-from attnbench.tuner.selection import select_winners
+from attnbench.tuner.results.selection import select_winners
 
 cli = CliRunner()
 
@@ -369,7 +369,7 @@ ops:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """One tiny real sweep (about 20 s): the reference and four xla_blocked configs."""
-    from attnbench.tuner import runner
+    from attnbench.tuner import sweep as runner
 
     folder = tmp_path_factory.mktemp("real")
     sweep = folder / "tiny.yaml"

@@ -22,10 +22,13 @@ pytest.importorskip("torch")
 
 import triton.language as tl  # noqa: E402
 
-from attnbench.kernels import gpu_limits, inputs, triton_launch  # noqa: E402
+from attnbench.kernels import gpu_limits, triton_launch  # noqa: E402
 from attnbench.kernels.decode import triton_splitkv  # noqa: E402
 from attnbench.kernels.paged import triton_paged  # noqa: E402
-from attnbench.tuner.problems import DecodeProblem, PagedProblem  # noqa: E402
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.paged.problem import PagedProblem  # noqa: E402
+from attnbench.kernels.decode import inputs as decode_inputs
+from attnbench.kernels.paged import inputs as paged_inputs
 from checks import run_and_compare  # noqa: E402
 
 # bfloat16 (the widened dot), KV splits (the merge kernels' tl.max / tl.sum) and every feature:
@@ -54,7 +57,7 @@ def export_decode_for_cuda():
     sinks = jax.ShapeDtypeStruct((8,), jnp.float32)
 
     def decode(query, key, value, start, end, sinks):
-        args, shape, _ = inputs.prepare_decode(query, key, value, start, end,
+        args, shape, _ = decode_inputs.prepare(query, key, value, start, end,
                                                sliding_window=50, logits_soft_cap=30.0,
                                                sinks=sinks)
         config = triton_splitkv.heuristic(shape).replace(num_kv_splits=2)
@@ -73,7 +76,7 @@ def export_paged_for_cuda():
     sinks = kwargs.pop("sinks")
 
     def paged(*arrays):
-        args, shape = inputs.prepare_paged(*arrays[:6], sinks=arrays[6], **kwargs)
+        args, shape = paged_inputs.prepare(*arrays[:6], sinks=arrays[6], **kwargs)
         config = triton_paged.heuristic(shape).replace(kv_splits=2)
         return triton_paged.ragged_paged_attention_triton(args, config, compute_capability=90)
 
@@ -246,7 +249,7 @@ def test_modules_import_without_triton_or_torch():
 
 
 def test_shared_memory_limits_match_the_cuda_targets():
-    from attnbench.tuner import cuda_check
+    from attnbench.tuner.check import cuda_check
 
     assert gpu_limits.SHARED_MEMORY_PER_BLOCK_BYTES == {
         name: target.shared_bytes_per_block for name, target in cuda_check.TARGETS.items()}

@@ -17,10 +17,12 @@ import yaml
 import tuner_variants
 from attnbench.kernels import lookup, registry
 from attnbench.kernels.table import make_key, read_table
-from attnbench.tuner import expressions, records, runner, selection, space
-from attnbench.tuner.accuracy import RELATIVE_ERROR_BOUND
-from attnbench.tuner.problems import DecodeProblem
-from attnbench.tuner.sweep_file import (SweepFileError, load_sweep, sweep_problems_in_file,
+from attnbench.tuner import sweep as runner
+from attnbench.tuner.plan import expressions, space
+from attnbench.tuner.results import records, selection
+from attnbench.tuner.measure.accuracy import RELATIVE_ERROR_BOUND
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.tuner.plan.sweep_file import (SweepFileError, load_sweep, sweep_problems_in_file,
                                         sweep_warnings_in_file)
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -329,7 +331,7 @@ def _driver(sweep: Path, out: Path) -> str:
     return (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import tuner_variants; "
             "from attnbench.kernels import registry; "
             "registry.VARIANTS = registry.VARIANTS + tuner_variants.VARIANTS; "
-            "from attnbench.tuner import runner; "
+            "from attnbench.tuner import sweep as runner; "
             f"runner.start_sweep({str(sweep)!r}, out={str(out)!r}, install_winners=False)")
 
 

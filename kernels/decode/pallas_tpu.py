@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..inputs import DecodeArgs, DecodeShape
+from .inputs import DecodeArgs, DecodeShape
 from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
 from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,

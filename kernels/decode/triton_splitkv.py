@@ -33,7 +33,8 @@ from ..gpu_limits import (
     MAX_SHARED_MEMORY_BYTES, MIN_DOT_SIZE, PORTABLE_SHARED_MEMORY_BYTES, THREADS_PER_WARP,
     TILE_REGISTERS_PER_THREAD, padded_head_dim,
 )
-from ..inputs import FEATURES, DecodeArgs, DecodeShape
+from ..inputs import FEATURES
+from .inputs import DecodeArgs, DecodeShape
 from ..triton_launch import Launch
 from ..tunables import POWER_OF_TWO, KernelConfig, Rule, next_power_of_two, one_of, tunable
 from ..variant import Variant

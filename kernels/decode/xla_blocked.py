@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..inputs import DecodeArgs, DecodeShape
+from .inputs import DecodeArgs, DecodeShape
 from ..reference import divide_or_zero, soft_cap
 from ..tunables import (
     BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, next_power_of_two, one_of, tunable,

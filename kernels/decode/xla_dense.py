@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..inputs import DecodeArgs, DecodeShape
+from .inputs import DecodeArgs, DecodeShape
 from ..reference import divide_or_zero, soft_cap
 from ..tunables import KernelConfig, one_of, tunable
 from ..variant import Variant

@@ -34,7 +34,7 @@ from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
     vmem_budget_bytes,
 )
-from ..inputs import PagedArgs, PagedShape
+from .inputs import PagedArgs, PagedShape
 from ..tunables import KernelConfig, POSITIVE_INT, tunable
 from ..variant import Variant
 

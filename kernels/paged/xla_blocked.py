@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..inputs import PagedArgs, PagedShape
+from .inputs import PagedArgs, PagedShape
 from ..reference import divide_or_zero, soft_cap
 from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
 from ..variant import Variant

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..inputs import PagedArgs, PagedShape
+from .inputs import PagedArgs, PagedShape
 from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked

@@ -27,7 +27,7 @@ from attnbench.kernels.gpu_limits import SHARED_MEMORY_PER_BLOCK_BYTES
 from attnbench.kernels.platform import lowering_for
 from attnbench.kernels.tunables import KernelConfig
 
-from .problems import with_array_keywords_last
+from ..measure.input_sets import with_array_keywords_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,44 +185,12 @@ def _observe_triton_compiles(compute_capability: int, launches: list[dict[str, A
         triton_lib._COMPILED_KERNEL_CACHE.update(saved_cache)
 
 
-def abstract_inputs(problem) -> tuple[tuple, dict[str, Any]]:
-    """ShapeDtypeStructs for a problem's arrays (no data is made) and its static keywords.
-
-    Sinks, an array, are returned among the keywords as a ShapeDtypeStruct too.
-    """
-    struct = jax.ShapeDtypeStruct
-    int32 = "int32"
-    if problem.op == "decode":
-        cache = (problem.batch, problem.max_len, problem.kv_heads, problem.head_dim)
-        arrays = (struct((problem.batch, problem.q_heads, problem.head_dim), problem.dtype),
-                  struct(cache, problem.dtype), struct(cache, problem.dtype),
-                  struct((problem.batch,), int32), struct((problem.batch,), int32))
-    else:
-        # The page pool is sized for every sequence at its longest (an upper bound).
-        num_pages = problem.max_seqs * problem.pages_per_seq + 4
-        arrays = (struct((problem.num_tokens, problem.q_heads, problem.head_dim), problem.dtype),
-                  struct((num_pages, problem.page_size, 2 * problem.kv_heads, problem.head_dim),
-                         problem.dtype),
-                  struct((problem.max_seqs,), int32),
-                  struct((problem.max_seqs, problem.pages_per_seq), int32),
-                  struct((problem.max_seqs + 1,), int32), struct((), int32))
-    kwargs: dict[str, Any] = {}
-    if problem.sliding_window is not None:
-        kwargs["sliding_window"] = problem.sliding_window
-    if problem.logits_soft_cap is not None:
-        kwargs["logits_soft_cap"] = problem.logits_soft_cap
-    if problem.sinks:
-        kwargs["sinks"] = struct((problem.q_heads,), "float32")
-    return arrays, kwargs
-
-
 def check_config(problem, variant: str, config: KernelConfig, target: CudaTarget) -> CheckResult:
     """Exports the operator call for CUDA with this variant and config, then judges resources."""
-    from attnbench import kernels
+    from attnbench.kernels.registry import get_operator
 
-    operator = {"decode": kernels.decode_attention,
-                "paged": kernels.ragged_paged_attention}[problem.op]
-    arrays, kwargs = abstract_inputs(problem)
+    operator = get_operator(problem.op).function
+    arrays, kwargs = problem.abstract_inputs()
     kwargs.update(variant=variant, config=config.to_dict())
     call, trailing = with_array_keywords_last(operator, len(arrays), kwargs)
     all_inputs = arrays + trailing

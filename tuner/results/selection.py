@@ -18,7 +18,7 @@ from attnbench.kernels import registry
 from attnbench.kernels.table import Entry
 
 from .records import baseline, baseline_times
-from .space import canonical
+from ..plan.space import canonical
 
 
 @dataclasses.dataclass

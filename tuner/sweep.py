@@ -1,8 +1,8 @@
 """Running a sweep: problems x candidates through worker processes, into a run folder.
 
-    sweep file --(sweep_file)--> spec --(space)--> candidates per problem
-        --(worker)--> one record per measurement --(records)--> run folder
-        --(selection)--> winners --(install)--> the user's tuned table
+    sweep file --(plan)--> problems x candidate configs
+        --(measure: a worker process per problem)--> one checked record per measurement
+        --(results: records)--> run folder --(selection)--> winners --(install)--> table
 
 Each problem gets a fresh worker process that keeps the problem's inputs and reference and
 measures candidates one at a time under a per-config timeout. A config that hangs is
@@ -13,13 +13,8 @@ variant, config, round), so `--resume` skips exactly what was done.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import multiprocessing
 import shutil
-import signal
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,233 +22,27 @@ from typing import Any
 from attnbench.kernels import registry
 from attnbench.kernels.table import key_text, make_key
 
-from . import records as run_files
-from . import space, static_check, worker
-from .install import install, run_table, write_table
-from .selection import select_winners
-from .sweep_file import SweepProblem, SweepSpec, load_sweep
+from .check import static_check
+from .errors import SweepError
+from .measure import processes, worker
+from .measure.accuracy import RELATIVE_ERROR_BOUND
+from .plan import space
+from .plan.planning import ProblemPlan, describe_plan, plan
+from .plan.sweep_file import SweepSpec, load_sweep
+from .progress import SweepProgress
+from .results import records as run_files
+from .results.install import install, run_table, write_table
+from .results.selection import select_winners
 
 Echo = Callable[[str], None]
 
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start or go on; the message says what to do."""
-
-
-# ---- Worker processes ---------------------------------------------------------------------
-
-
-def _context():
-    # spawn, not fork: the parent may hold JAX's threads, which a fork would copy half-way.
-    return multiprocessing.get_context("spawn")
-
-
-def _death(process) -> str:
-    process.join(5)
-    code = process.exitcode
-    if code is None:
-        return "the worker process stopped answering"
-    if code < 0:
-        try:
-            return f"the worker process was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"the worker process was killed by signal {-code}"
-    return f"the worker process exited with code {code}"
-
-
-def probe_environment(measure_bandwidth: bool, timeout_s: float = 600.0) -> dict[str, Any]:
-    """The device, versions and (optionally) read bandwidth, from a short-lived worker."""
-    connection, child = _context().Pipe()
-    process = _context().Process(target=worker.probe, args=(child, measure_bandwidth),
-                                 daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not connection.poll(timeout_s):
-            process.kill()
-            raise SweepError(f"probing the device took more than {timeout_s:.0f} s")
-        status, payload = connection.recv()
-    except EOFError:
-        raise SweepError(f"probing the device failed: {_death(process)}") from None
-    finally:
-        process.join(10)
-    if status != "ok":
-        raise SweepError(f"probing the device failed:\n{payload}")
-    return payload
-
-
-class Worker:
-    """One measuring process holding one problem's inputs."""
-
-    def __init__(self, problem: SweepProblem, seed: int, tolerance: float,
-                 bandwidth: float | None):
-        self.connection, child = _context().Pipe()
-        self.process = _context().Process(
-            target=worker.serve, args=(child, problem.problem, seed, tolerance, bandwidth),
-            daemon=True)
-        self.process.start()
-        child.close()
-
-    def wait_ready(self, timeout_s: float) -> str | None:
-        """None when the problem is prepared; otherwise why not."""
-        try:
-            if not self.connection.poll(timeout_s):
-                self.stop()
-                return f"preparing the problem took more than {timeout_s:.0f} s"
-            status, payload = self.connection.recv()
-        except EOFError:
-            return f"preparing the problem failed: {_death(self.process)}"
-        if status != "ready":
-            self.stop()
-            return f"preparing the problem failed: {payload}"
-        return None
-
-    def measure(self, task: worker.Task, timeout_s: float) -> dict[str, Any]:
-        """The task's record; `timeout` or `crashed` (and this worker unusable) on failure."""
-        try:
-            self.connection.send(task)
-            if not self.connection.poll(timeout_s):
-                self.stop()
-                return {"status": "timeout",
-                        "reason": f"no result within the per-config timeout of {timeout_s:g} s"}
-            _, record = self.connection.recv()
-            return record
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            return {"status": "crashed", "reason": _death(self.process)}
-
-    @property
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            self.process.join(2)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.connection.close()
-
-
-# ---- Progress -------------------------------------------------------------------------------
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """Configs done, failures and the time left, on one line (a new line every few seconds
-    when stderr is not a terminal)."""
-
-    def __init__(self, total: int, done: int, stream=None):
-        self.total, self.done, self.start_done = total, done, done
-        self.failures = 0
-        self.began = time.monotonic()
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last_line = 0.0
-
-    def grow(self, extra: int) -> None:
-        self.total += extra
-
-    def step(self, record: dict[str, Any], label: str) -> None:
-        self.done += 1
-        if record["status"] not in ("ok", "skipped", "skipped_static"):
-            self.failures += 1
-        self.show(f"{label} {record['variant']}: {record['status']}")
-
-    def show(self, what: str, force: bool = False) -> None:
-        elapsed = time.monotonic() - self.began
-        measured = self.done - self.start_done
-        left = elapsed / measured * (self.total - self.done) if measured else float("nan")
-        left_text = _clock(left) if left == left else "?"
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} configs, "
-                f"{self.failures} failed, {_clock(elapsed)} elapsed, ~{left_text} left | {what}")
-        if self.tty:
-            self.stream.write("\r" + line[:160].ljust(160))
-            self.stream.flush()
-        elif force or time.monotonic() - self.last_line > 5:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last_line = time.monotonic()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-# ---- Planning -------------------------------------------------------------------------------
-
-
-def shard_problems(problems: tuple[SweepProblem, ...], shard: tuple[int, int]) -> list[SweepProblem]:
-    """Problem i goes to shard i % N: deterministic, and a problem's configs stay together
-    (its defaults and reference are the baselines of its speedups)."""
-    index, count = shard
-    return [p for i, p in enumerate(problems) if i % count == index]
-
-
-@dataclasses.dataclass
-class _ProblemPlan:
-    problem: SweepProblem
-    shape: Any
-    seed: int
-    candidates: list[space.Candidate]
-
-    @property
-    def runnable(self) -> list[space.Candidate]:
-        return [c for c in self.candidates if c.skip_reason is None]
-
-
-def plan(spec: SweepSpec, shard: tuple[int, int], platform: str) -> list[_ProblemPlan]:
-    plans = []
-    for problem in shard_problems(spec.problems, shard):
-        seed = space.problem_seed(spec, problem)
-        shape = problem.problem.shape(seed)
-        plans.append(_ProblemPlan(problem, shape, seed,
-                                  space.problem_candidates(spec, problem, shape, platform)))
-    return plans
-
-
-def describe_plan(spec: SweepSpec, plans: list[_ProblemPlan]) -> list[str]:
-    """What a dry run prints: per problem and variant, configs to run and skipped."""
-    lines = []
-    runs = skips = 0
-    for item in plans:
-        lines.append(f"{item.problem.label}  [{space.problem_id(item.problem)}]")
-        by_variant: dict[str, list[int]] = {}
-        for candidate in item.candidates:
-            counts = by_variant.setdefault(candidate.variant.name, [0, 0])
-            counts[candidate.skip_reason is not None] += 1
-        for name, (run, skipped) in by_variant.items():
-            reasons = {c.skip_reason for c in item.candidates
-                       if c.variant.name == name and c.skip_reason}
-            note = f"  (e.g. {sorted(reasons)[0]})" if reasons else ""
-            lines.append(f"  {name:<20} {run:4d} to run, {skipped:4d} skipped{note}")
-            runs += run
-            skips += skipped
-    rounds = space.round_count(spec.search)
-    extra = ""
-    if rounds > 1:
-        later = sum(max(1, round(len(p.runnable) * spec.search.keep ** r))
-                    for p in plans for r in range(1, rounds))
-        extra = f" + about {later} in later halving rounds"
-    lines.append(f"total: {len(plans)} problems, {runs} configs to run{extra}, "
-                 f"{skips} skipped after pruning")
-    return lines
+__all__ = ["SweepError", "dry_run", "finish", "merge_runs", "resume_sweep", "start_sweep"]
 
 
 # ---- Running --------------------------------------------------------------------------------
 
 
-def _base_record(run: dict[str, Any], item: _ProblemPlan, candidate: space.Candidate,
+def _base_record(run: dict[str, Any], item: ProblemPlan, candidate: space.Candidate,
                  round_index: int, repeats: int) -> dict[str, Any]:
     p = item.problem.problem
     shape = item.shape
@@ -269,11 +58,10 @@ def _base_record(run: dict[str, Any], item: _ProblemPlan, candidate: space.Candi
         "is_default": candidate.is_default, "round": round_index, "repeats": repeats,
         "key": make_key(shape, run["device_kind"]),
     }
-    if item.problem.op == "decode":
-        record["batch"] = p.batch
-    else:
-        record.update(num_seqs=p.num_seqs, num_tokens=shape.num_tokens, page_size=p.page_size,
-                      prefill_fraction=p.prefill_fraction, prefill_chunk=p.prefill_chunk)
+    record.update(p.record_fields(shape))
+    # How many sequences the problem serves, whatever the op calls them (batch, num_seqs):
+    # reports plot against it without knowing the op.
+    record["sequences"] = p.sequences
     return record
 
 
@@ -290,7 +78,7 @@ class _Run:
                  f"({self.log.repaired_bytes} bytes)")
         self.done = {r["id"]: r for r in run_files.read_records(self.log.path)}
 
-    def record(self, record: dict[str, Any], progress: Progress, label: str,
+    def record(self, record: dict[str, Any], progress: SweepProgress, label: str,
                sync: bool = True) -> None:
         record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
@@ -298,12 +86,13 @@ class _Run:
         self.done[record["id"]] = record
         progress.step(record, label)
 
-    def run_problem(self, item: _ProblemPlan, progress: Progress) -> None:
+    def run_problem(self, item: ProblemPlan, progress: SweepProgress) -> None:
         spec, timing = self.spec, self.spec.timing
         label = item.problem.label
-        tolerance = spec.tolerances[item.problem.problem.dtype]
+        dtype = item.problem.problem.dtype
+        tolerance = spec.tolerances.get(dtype, RELATIVE_ERROR_BOUND[dtype])
         bandwidth = self.environment.get("read_bandwidth_bytes_per_s")
-        current: Worker | None = None
+        current: processes.Worker | None = None
         setup_failure: str | None = None
         for candidate in item.candidates:
             if candidate.skip_reason is not None:
@@ -333,7 +122,7 @@ class _Run:
                     if record["id"] in self.done:
                         continue
                     if setup_failure is None and (current is None or not current.alive):
-                        current = Worker(item.problem, item.seed, tolerance, bandwidth)
+                        current = processes.Worker(item.problem, item.seed, tolerance, bandwidth)
                         setup_failure = current.wait_ready(timing.setup_timeout_s)
                         if setup_failure:
                             self.echo(f"\n{label}: {setup_failure}")
@@ -350,12 +139,12 @@ class _Run:
             if current is not None:
                 current.stop()
 
-    def execute(self, plans: list[_ProblemPlan]) -> None:
+    def execute(self, plans: list[ProblemPlan]) -> None:
         # Later halving rounds join the total as they start (their size depends on results).
         total = sum(len(p.candidates) for p in plans)
         done_round0 = sum(1 for r in self.done.values() if r["round"] == 0)
         done_later = sum(1 for r in self.done.values() if r["round"] > 0)
-        progress = Progress(total + done_later, done_round0 + done_later)
+        progress = SweepProgress(total + done_later, done_round0 + done_later)
         try:
             for item in plans:
                 self.run_problem(item, progress)
@@ -412,7 +201,7 @@ def dry_run(sweep_path: Path, *, shard: tuple[int, int] = (0, 1), echo: Echo = p
     spec = load_sweep(sweep_path)
     for warning in spec.warnings:
         echo(f"warning: {warning}")
-    environment = probe_environment(measure_bandwidth=False)
+    environment = processes.probe_environment(measure_bandwidth=False)
     for line in describe_plan(spec, plan(spec, shard, environment["platform"])):
         echo(line)
 
@@ -425,7 +214,7 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
     for warning in spec.warnings:
         echo(f"warning: {warning}")
     echo(f"sweep {spec.name} ({sweep_path}): probing the device and its read bandwidth")
-    environment = probe_environment(measure_bandwidth=True)
+    environment = processes.probe_environment(measure_bandwidth=True)
     kind = environment["device_kind"]
     if not spec.matches_device(kind, environment["device_kind_raw"]):
         raise SweepError(f"{sweep_path} is for devices {list(spec.devices)}, but this device is "
@@ -442,7 +231,7 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
            # The untuned choice at sweep time: reports measure speedups against it, and the
            # registry's defaults may change after the run.
            "default_variants": {op: registry.DEFAULT_VARIANT.get((op, environment["platform"]))
-                                for op in ("decode", "paged")},
+                                for op in registry.OPERATOR_NAMES},
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     run_files.write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
     run_files.write_json_atomic(run_dir / run_files.RUN_FILE, run)
@@ -464,7 +253,7 @@ def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = pr
         raise SweepError(f"{run_dir / run_files.SWEEP_COPY} changed since the run started")
     for warning in spec.warnings:
         echo(f"warning: {warning}")
-    here = probe_environment(measure_bandwidth=False)
+    here = processes.probe_environment(measure_bandwidth=False)
     if here["device_kind"] != run["device_kind"]:
         raise SweepError(f"{run_dir} was measured on {run['device_kind']!r}; this device is "
                          f"{here['device_kind']!r}")

@@ -11,15 +11,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import subprocess
-import sys
+import multiprocessing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cuda_check, space
-from .sweep_file import SweepSpec, load_sweep
+from ..plan import space
+from . import cuda_check
+from ..plan.sweep_file import SweepSpec, load_sweep
 
 Echo = Callable[[str], None]
 
@@ -52,7 +51,7 @@ def targets_of_sweep(spec: SweepSpec) -> list[cuda_check.CudaTarget]:
 
 def checked_candidates(spec: SweepSpec, shard: tuple[int, int]) -> list[tuple[Any, space.Candidate]]:
     """(problem plan, candidate) for every runnable config of a GPU-kernel variant."""
-    from .runner import plan
+    from ..plan.planning import plan
 
     gpu_variants = {v.name for v in cuda_check.gpu_kernel_variants()}
     pairs = []
@@ -155,11 +154,22 @@ def prune(plans: list, verdicts: dict[tuple[str, str, str], tuple[str, str]]) ->
     return pruned
 
 
+def _check_in_child(sweep_path: str, target_name: str, out_csv: str,
+                    shard: tuple[int, int]) -> None:
+    """The static check in a spawned process that uses the CPU backend only."""
+    import jax
+
+    # Cross-compiling needs no GPU; holding none leaves the device to the sweep's workers.
+    jax.config.update("jax_platforms", "cpu")
+    run_check(Path(sweep_path), [cuda_check.TARGETS[target_name]], Path(out_csv), shard=shard,
+              echo=lambda line: None)
+
+
 def check_before_sweep(sweep_path: Path, run_dir: Path, device_kind: str,
                        shard: tuple[int, int], echo: Echo) -> dict | None:
-    """On a GPU host: runs the check for this device's target in a CPU-only subprocess (so
-    the sweep's parent never holds GPU memory) and returns its verdicts; reuses a finished
-    check of an earlier attempt of the same run."""
+    """On a GPU host: runs the check for this device's target in a CPU-only child process
+    (so the sweep's parent never holds GPU memory) and returns its verdicts; reuses a
+    finished check of an earlier attempt of the same run."""
     target = target_for_device(device_kind)
     if target is None:
         echo(f"no CUDA target known for {device_kind}; the static check is skipped")
@@ -168,13 +178,12 @@ def check_before_sweep(sweep_path: Path, run_dir: Path, device_kind: str,
     done_marker = out_csv.with_suffix(".done")
     if not done_marker.exists():
         echo(f"checking the GPU configs for {target.name} before running them ({out_csv})")
-        command = [sys.executable, "-m", "attnbench.cli", "check", str(sweep_path),
-                   "--target", f"cuda:{target.name}", "--out", str(out_csv),
-                   "--shard", f"{shard[0]}/{shard[1]}"]
-        environment = os.environ | {"JAX_PLATFORMS": "cpu"}
-        done = subprocess.run(command, env=environment, capture_output=True, text=True)
-        if done.returncode != 0:
-            echo(f"the static check failed; running every config:\n{done.stderr[-2000:]}")
+        child = multiprocessing.get_context("spawn").Process(
+            target=_check_in_child, args=(str(sweep_path), target.name, str(out_csv), shard))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            echo(f"the static check failed (exit code {child.exitcode}); running every config")
             return None
         done_marker.write_text(json.dumps({"target": target.name}))
     return read_verdicts(out_csv)

@@ -140,12 +140,13 @@ class _Problem:
         import jax
         import numpy as np
 
-        from attnbench.kernels.reference import DECODE_VARIANT, PAGED_VARIANT
+        from attnbench.kernels.registry import get_operator
 
         from . import roofline
-        from .problems import rotated_input_sets, with_array_keywords_last
+        from .input_sets import rotated_input_sets, with_array_keywords_last
 
         self.problem = problem
+        self.operator = get_operator(problem.op)
         self.tolerance = tolerance
         # Compiled calls by (variant, config): a config timed again in a later halving round
         # is not compiled twice. Its record keeps the compile time of the first compile.
@@ -159,26 +160,20 @@ class _Problem:
         _, trailing = with_array_keywords_last(None, self.positional, self.kwargs)  # arrays only
         self.input_sets = [tuple(a) + trailing
                            for a in rotated_input_sets(args, seed, 3 if rotate else 1)]
-        reference_variant = DECODE_VARIANT if problem.op == "decode" else PAGED_VARIANT
-        reference = self.compile(reference_variant, None, output_dtype="float32")
+        reference = self.compile(self.operator.reference, None, output_dtype="float32")
         self.reference = np.asarray(jax.block_until_ready(reference(*self.input_sets[0])))
-        if problem.op == "paged":
-            self.real_rows = int(np.asarray(args[4])[int(np.asarray(args[5]))])
+        self.zero_rows = self.operator.zero_rows(args)
 
     def compile(self, variant, config, output_dtype: str | None = None):
         """The AOT-compiled kernel call on these inputs, cast as the operator casts it
         (to the query dtype, or `output_dtype`)."""
         import jax
 
-        from attnbench.kernels import inputs
-
-        from .problems import with_array_keywords_last
-
-        prepare = inputs.prepare_decode if self.problem.op == "decode" else inputs.prepare_paged
+        from .input_sets import with_array_keywords_last
 
         def run_kernel(*operator_args, **operator_kwargs):
             # The operator's own checks, then the kernel directly (no table lookup).
-            prepared = prepare(*operator_args, **operator_kwargs)[0]
+            prepared, _ = self.operator.prepare(*operator_args, **operator_kwargs)
             output = variant.kernel(prepared, config, interpret=False)
             return output.astype(output_dtype or operator_args[0].dtype)
 
@@ -210,8 +205,8 @@ class _Problem:
             return {**record, "status": "error", "reason": _message(error)}
         accuracy = compare(output, self.reference, self.problem.dtype, self.tolerance)
         record.update(relative_error=accuracy.relative_error, max_abs_error=accuracy.max_abs_error)
-        if accuracy.ok and self.problem.op == "paged" and np.any(
-                np.asarray(output[self.real_rows:], np.float32)):
+        if accuracy.ok and self.zero_rows is not None and np.any(
+                np.asarray(output[self.zero_rows], np.float32)):
             accuracy = dataclasses.replace(accuracy, ok=False,
                                            reason="padding rows are not exactly zero")
         if not accuracy.ok:

@@ -12,21 +12,19 @@ from typing import Any
 
 import jax
 
-from attnbench import kernels
 from attnbench.kernels import registry
 from attnbench.kernels.platform import current_platform
 from attnbench.kernels.tunables import KernelConfig, sample_configs
 
 from . import roofline
 from .accuracy import compare
-from .problems import DecodeProblem, PagedProblem, rotated_input_sets
-from .sweep_file import problem_from_entry
+from .input_sets import rotated_input_sets
+from ..plan.sweep_file import problem_from_entry
 from .timing import Timing, time_call
 
-OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
-
-# The problems the speed targets of issues 3 and 4 are stated on: (operator, problem entry
-# written as in a sweep file, so `bench --set` overrides use the sweep files' field names).
+# The benchmark problems: Llama-3-8B heads at batch 8 and 8K context, ragged, as a decode
+# batch, a paged decode batch and a paged batch with prefill chunks. Each is (operator,
+# problem entry written as in a sweep file, so `bench --set` uses the sweep files' names).
 BENCH_PROBLEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "decode": ("decode", {"model": "llama-3-8b", "batch": 8, "context": 8192,
                           "lengths": "uniform", "min_len": 100}),
@@ -38,8 +36,7 @@ BENCH_PROBLEMS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def bench_problem(name: str, overrides: dict[str, Any] | None = None
-                  ) -> DecodeProblem | PagedProblem:
+def bench_problem(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The named bench problem with some of its fields replaced (sweep-file field names).
 
     Raises ValueError for an unknown name and SweepFileError for a bad field or value.
@@ -69,7 +66,7 @@ class BenchRow:
 def compile_call(op: str, variant: str, config: KernelConfig | None, args: tuple,
                  kwargs: dict) -> Callable:
     """The ahead-of-time compiled operator call for these inputs (compile time excluded later)."""
-    operator = OPERATORS[op]
+    operator = registry.get_operator(op).function
     config_dict = None if config is None else config.to_dict()
 
     def call(*arrays):

@@ -75,13 +75,7 @@ def size_names(problem: SweepProblem, shape: Any) -> dict[str, Any]:
         "has_logits_soft_cap": "logits_soft_cap" in shape.features,
         "has_sinks": "sinks" in shape.features,
     }
-    if problem.op == "decode":
-        names["batch"] = shape.batch
-    else:
-        names.update(num_tokens=shape.num_tokens, num_seqs=problem.problem.num_seqs,
-                     max_seqs=shape.max_seqs, pages_per_seq=shape.pages_per_seq,
-                     page_size=shape.page_size, num_pages=shape.num_pages,
-                     prefill_fraction=problem.problem.prefill_fraction)
+    names.update(problem.problem.constraint_sizes(shape))
     return names
 
 

@@ -1,0 +1,118 @@
+"""decode_attention: one new token per sequence against a contiguous KV cache.
+
+The public function and the operator object (:class:`DecodeOperator`) that the rest of
+attnbench asks about this op. The contract is docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..inputs import window_left_of
+from ..operator import Operator
+from ..run import run_operator
+from . import inputs
+from .inputs import DecodeShape
+from .problem import DecodeProblem
+
+
+def decode_attention(
+    query, key, value, sequence_start, sequence_end, *,
+    softmax_scale: float | None = None,
+    sliding_window: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: jax.Array | None = None,
+    variant: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    interpret: bool = False,
+    validate: bool = False,
+) -> jax.Array:
+    """Attention of one new token per sequence against a contiguous KV cache.
+
+    query [B, Hq, D] or [B, 1, Hq, D]; key, value [B, S, Hkv, D]; sequence_start,
+    sequence_end int32 [B]. Row b attends keys start_b <= j < end_b (and the window), with
+    the query at p = end_b - 1. Returns the query's rank and dtype. The contract:
+    docs/semantics.md.
+
+    variant / config: force a variant and/or config instead of the tuned-table choice.
+    interpret: run a GPU/TPU variant on CPU through its interpreter.
+    validate: also check lengths against S (host side), raising ValueError when wrong.
+    """
+    rank4 = getattr(query, "ndim", None) == 4
+    out = run_operator(
+        OPERATOR, (query, key, value, sequence_start, sequence_end),
+        dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
+             logits_soft_cap=logits_soft_cap, sinks=sinks),
+        variant=variant, config=config, interpret=interpret, validate=validate,
+        output_dtype=query.dtype)
+    return out[:, None] if rank4 else out
+
+
+class DecodeOperator(Operator):
+    name = "decode"
+    function_name = "decode_attention"
+    size_axes = ("batch", "max_len")
+    constraint_sizes_names = ("batch",)
+    problem_class = DecodeProblem
+
+    @property
+    def function(self):
+        return decode_attention
+
+    def prepare(self, *args, **kwargs):
+        prepared, shape, _ = inputs.prepare(*args, **kwargs)
+        return prepared, shape
+
+    def value_arrays(self, args):
+        return (args.sequence_start, args.sequence_end)
+
+    def value_problems(self, shape, sequence_start, sequence_end):
+        return inputs.value_problems(sequence_start, sequence_end, shape.max_len)
+
+    def key_fields(self, shape):
+        # Decode has no pages; the field stays in the key so every op's keys share fields.
+        return {"page_size": None}
+
+    def key_sizes(self, shape):
+        return {"batch": shape.batch, "max_len": shape.max_len}
+
+    def key_field_problems(self, key, where):
+        if key.get("page_size") is not None:
+            return [f"{where}.page_size: must be null for op decode, got {key['page_size']!r}"]
+        return []
+
+    def lookup_shape(self, *, q_heads, kv_heads, head_dim, dtype, features, sizes):
+        return DecodeShape(batch=sizes.get("batch") or 1, max_len=sizes["max_len"],
+                           q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                           features=features)
+
+    def _valid_rows(self, args, kwargs) -> int:
+        query, key, _, start, end = args[:5]
+        max_len = key.shape[1]
+        end = np.clip(np.asarray(end), 0, max_len)
+        low = np.clip(np.asarray(start), 0, max_len)
+        window_left = window_left_of(kwargs.get("sliding_window"))
+        if window_left is not None:
+            low = np.maximum(low, end - 1 - window_left)
+        return int(np.maximum(end - low, 0).sum())
+
+    def bytes_moved(self, args, kwargs):
+        query, key = args[0], args[1]
+        _, _, kv_heads, head_dim = key.shape
+        itemsize = np.dtype(key.dtype).itemsize
+        kv_bytes = self._valid_rows(args, kwargs) * kv_heads * head_dim * 2 * itemsize
+        return kv_bytes + 2 * query.size * np.dtype(query.dtype).itemsize
+
+    def flops(self, args, kwargs):
+        query, key = args[0], args[1]
+        group = query.shape[-2] // key.shape[2]
+        head_dim = key.shape[-1]
+        # Per valid key row and KV head: q.k and p.v for each of the group's query heads.
+        return self._valid_rows(args, kwargs) * key.shape[2] * group * head_dim * 2 * 2
+
+
+OPERATOR = DecodeOperator()

@@ -1,0 +1,91 @@
+"""decode_attention problems: B sequences in a contiguous cache, and their random inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..random_inputs import (abstract_feature_kwargs, draw_lengths, feature_kwargs, features_of,
+                             normal)
+from ..schema import Boolean, PositiveInt
+from .inputs import DecodeShape
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProblem:
+    """A decode_attention problem: B sequences in a cache of S positions."""
+
+    batch: int
+    max_len: int  # S
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    lengths: str = "uniform"
+    min_len: int = 1
+    random_start: bool = False  # sequences that begin after position 0 (start > 0)
+    sliding_window: int | tuple[int, int] | None = None
+    logits_soft_cap: float | None = None
+    sinks: bool = False
+
+    op: ClassVar[str] = "decode"
+    # The fields a sweep-file problem entry may set besides the shared ones: (type, value
+    # when the entry leaves it out).
+    sweep_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "batch": (PositiveInt, 8), "random_start": (Boolean, False)}
+
+    @property
+    def sequences(self) -> int:
+        return self.batch
+
+    def make_inputs(self, seed: int) -> tuple[tuple, dict[str, Any]]:
+        """(positional args, keyword args) for decode_attention, drawn fresh from `seed`."""
+        rng = np.random.default_rng(seed)
+        end = draw_lengths(rng, self.batch, self.min_len, self.max_len, self.lengths)
+        start = np.zeros_like(end)
+        if self.random_start:
+            start = (rng.random(self.batch) * end).astype(np.int32)
+        cache = (self.batch, self.max_len, self.kv_heads, self.head_dim)
+        args = (
+            normal(rng, (self.batch, self.q_heads, self.head_dim), self.dtype),
+            normal(rng, cache, self.dtype),
+            normal(rng, cache, self.dtype),
+            jnp.asarray(start, jnp.int32),
+            jnp.asarray(end, jnp.int32),
+        )
+        kwargs = feature_kwargs(rng, self.q_heads, self.sliding_window, self.logits_soft_cap,
+                                self.sinks)
+        return args, kwargs
+
+    def shape(self, seed: int = 0) -> DecodeShape:
+        """The shape descriptor of `make_inputs(seed)` (the same for every seed)."""
+        del seed
+        return DecodeShape(batch=self.batch, max_len=self.max_len, q_heads=self.q_heads,
+                           kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype,
+                           features=features_of(self))
+
+    def abstract_inputs(self) -> tuple[tuple, dict[str, Any]]:
+        """ShapeDtypeStructs for the arrays (no data is made) and the static keywords;
+        sinks, an array, come among the keywords as a ShapeDtypeStruct too."""
+        struct = jax.ShapeDtypeStruct
+        cache = (self.batch, self.max_len, self.kv_heads, self.head_dim)
+        arrays = (struct((self.batch, self.q_heads, self.head_dim), self.dtype),
+                  struct(cache, self.dtype), struct(cache, self.dtype),
+                  struct((self.batch,), "int32"), struct((self.batch,), "int32"))
+        return arrays, abstract_feature_kwargs(self)
+
+    def size_text(self) -> str:
+        """The sizes in a problem's label."""
+        return f"B={self.batch} S={self.max_len}"
+
+    def record_fields(self, shape: DecodeShape) -> dict[str, Any]:
+        """The op's own columns of a measurement record."""
+        return {"batch": self.batch}
+
+    def constraint_sizes(self, shape: DecodeShape) -> dict[str, Any]:
+        """The op's own size names a sweep-file constraint may read."""
+        return {"batch": shape.batch}

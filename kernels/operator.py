@@ -1,0 +1,95 @@
+"""What an attention operator is: the object every part of attnbench asks about one op.
+
+Each operator's package (``kernels/<op>/``) defines one subclass instance, listed in
+:data:`attnbench.kernels.registry.OPERATORS`. Code outside that package (lookup, tables,
+the tuner, reports, the CLI) never branches on an operator's name: it asks this object how
+to check arguments, which sizes key a tuned table, what the float32 reference is, how many
+bytes a call must move, which problem type generates its inputs, and so on.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+
+class Operator(abc.ABC):
+    """One attention operator: its arguments, its table keys, its problems and its floor."""
+
+    name: ClassVar[str]  # the op's key in tables, sweep files and measurement records
+    function_name: ClassVar[str]  # the public function, e.g. "decode_attention"
+    # Table-key axes matched by nearest power-of-two bucket, in key order.
+    size_axes: ClassVar[tuple[str, ...]]
+    # Names a sweep-file constraint may read besides tunables and the shared sizes.
+    constraint_sizes_names: ClassVar[tuple[str, ...]]
+    problem_class: ClassVar[type]  # the op's problem spec (make_inputs, shape, ...)
+
+    # ---- Calls --------------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def function(self) -> Callable[..., jax.Array]:
+        """The public operator (what users call)."""
+
+    @abc.abstractmethod
+    def prepare(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Checks the public function's arguments: (normalized args, shape descriptor)."""
+
+    @abc.abstractmethod
+    def value_arrays(self, args: Any) -> tuple[jax.Array, ...]:
+        """The index arrays :meth:`value_problems` reads (checked host side on request)."""
+
+    @abc.abstractmethod
+    def value_problems(self, shape: Any, *arrays: Any) -> list[str]:
+        """Every out-of-range value among `value_arrays`, one sentence each."""
+
+    def zero_rows(self, args: tuple) -> np.ndarray | None:
+        """Output rows the contract requires to be exactly zero (padding), as a bool mask
+        over the output's first axis, for inputs as the public function takes them; None
+        when the operator has no such rows."""
+        return None
+
+    @property
+    def reference(self):
+        """The float32 oracle variant of this operator."""
+        from . import registry
+
+        return registry.get_variant(self.name, "reference")
+
+    # ---- Table keys ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def key_fields(self, shape: Any) -> dict[str, Any]:
+        """The op's own discrete key fields (e.g. page_size) of a call."""
+
+    @abc.abstractmethod
+    def key_sizes(self, shape: Any) -> dict[str, int]:
+        """The raw sizes of a call on each of :attr:`size_axes` (bucketed by the table)."""
+
+    def key_field_problems(self, key: dict[str, Any], where: str) -> list[str]:
+        """Schema problems of the op's own discrete key fields in a table entry."""
+        return []
+
+    @abc.abstractmethod
+    def lookup_shape(self, *, q_heads: int, kv_heads: int, head_dim: int, dtype: str,
+                     features: frozenset[str], sizes: dict[str, int | None]) -> Any:
+        """A shape descriptor from sizes named as `attnbench lookup` takes them (batch,
+        max_len, tokens, page_size, max_seqs); sizes the op does not use are ignored."""
+
+    # ---- The memory floor ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def bytes_moved(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """Bytes a call must move at least: valid key/value rows, queries and outputs, for
+        concrete inputs as the public function takes them."""
+
+    @abc.abstractmethod
+    def flops(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """Multiply-adds x 2 of the valid logits and weighted values of a call."""
+
+    def __repr__(self) -> str:
+        return f"<operator {self.name}: {self.function_name}>"
