@@ -96,9 +96,8 @@ def test_check_a_slice_of_the_shipped_gpu_sweeps(tmp_path):
 
 
 def test_refused_configs_become_skipped_static(tmp_path):
-    from attnbench.tuner import sweep as runner
-from attnbench.tuner.check import static_check
-from attnbench.tuner.plan import planning
+    from attnbench.tuner.check import static_check
+    from attnbench.tuner.plan import planning
     from attnbench.tuner.plan.sweep_file import load_sweep, sweeps_dir
 
     spec = load_sweep(sweeps_dir() / "nvidia-h100.yaml")

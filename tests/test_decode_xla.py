@@ -41,7 +41,7 @@ class FixedLengths(DecodeProblem):
 
 def shape_of(problem: DecodeProblem) -> DecodeShape:
     args, kwargs = problem.make_inputs(0)
-    _, shape, _ = kernels.decode_inputs.prepare(*args, **kwargs)
+    _, shape, _ = decode_inputs.prepare(*args, **kwargs)
     return shape
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..tunables import cdiv
 from ..inputs import (check_float, check_heads, check_int, check_rank, dtype_name,
                       features_used, sinks_per_head, static_scalar, window_left_of)
 
@@ -147,7 +148,7 @@ def value_problems(
             )
         if q_len > ctx[i]:
             problems.append(f"sequence {i}: q_len = {q_len} > context_lens[{i}] = {ctx[i]}")
-        used_pages = -(-max(int(ctx[i]), 0) // page_size)
+        used_pages = cdiv(max(int(ctx[i]), 0), page_size)
         row = table[i, : min(used_pages, pages_per_seq)]
         for n_page in np.flatnonzero((row < 0) | (row >= num_pages)):
             problems.append(
