@@ -25,7 +25,7 @@ from typing import Any
 
 from attnbench.kernels.table import Entry, key_text
 
-from . import records as run_files
+from .. import records as run_files
 
 Echo = Callable[[str], None]
 
@@ -81,7 +81,7 @@ def _read_json_or_empty(path: Path) -> dict[str, Any]:
 
 def _sweep_noise(run_dir: Path) -> float:
     """The sweep file's selection noise; the default when the copy is gone or unreadable."""
-    from .sweep_file import SweepFileError, load_sweep
+    from ..sweep_file import SweepFileError, load_sweep
 
     try:
         return load_sweep(run_dir / run_files.SWEEP_COPY).noise
@@ -97,7 +97,7 @@ def is_run_folder(path: Path) -> bool:
 
 def load_run(run_dir: Path) -> Run:
     """The run folder's records and winners; ReportError when there is nothing to report."""
-    from .selection import select_winners
+    from ..selection import select_winners
 
     run_dir = Path(run_dir)
     if not run_dir.exists():

@@ -19,8 +19,8 @@ from typing import Any
 
 from attnbench.kernels.table import Entry, TableError, key_text, read_table
 
-from . import records as run_files
-from .report import ReportError, config_text, is_run_folder, load_run
+from .. import records as run_files
+from . import ReportError, config_text, is_run_folder, load_run
 
 Echo = Callable[[str], None]
 
