@@ -12,7 +12,6 @@ any correct config, which the other side has a winner for, counts as a regressio
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 from attnbench.kernels.table import Entry, TableError, key_text, read_table
 
 from .. import records as run_files
-from . import ReportError, config_text, is_run_folder, load_run
+from ..canonical_json import canonical
+from .load import ReportError, is_run_folder, load_run
+from .render import config_text
 
 Echo = Callable[[str], None]
 
@@ -46,10 +47,6 @@ class Side:
         return {k.get("device_kind") for k in keys}
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def load_side(path: Path) -> Side:
     """A run folder or a tuned table (a .json file) as a comparison side."""
     path = Path(path)
@@ -65,20 +62,20 @@ def load_side(path: Path) -> Side:
             run = load_run(path)
         except ReportError as error:
             raise CompareError(str(error)) from None
-        winners = {_canonical(e.key): e for e in run.winners}
+        winners = {canonical(e.key): e for e in run.winners}
         failed = {}
-        for record in run.records:
-            if record.get("status") != "skipped" and "key" in record:
-                key = _canonical(record["key"])
-                if key not in winners:
-                    failed[key] = record["key"]
+        measured = run.measurements
+        for key in measured.loc[(measured["status"] != "skipped") & measured["key"].notna(),
+                                "key"]:
+            if canonical(key) not in winners:
+                failed[canonical(key)] = key
         label = f"run {run.meta.get('run_id', path.name)}"
         return Side(path, "run", label, winners, failed, run.unfinished)
     try:
         table = read_table(path)
     except TableError as error:
         raise CompareError(str(error)) from None
-    winners = {_canonical(e.key): e for e in table.entries}
+    winners = {canonical(e.key): e for e in table.entries}
     return Side(path, "table", f"table {path.name}", winners, {})
 
 
@@ -104,8 +101,8 @@ class Row:
 
     @property
     def winner_changed(self) -> bool:
-        return (self.a.variant, _canonical(self.a.config)) != (self.b.variant,
-                                                               _canonical(self.b.config))
+        return (self.a.variant, canonical(self.a.config)) != (self.b.variant,
+                                                               canonical(self.b.config))
 
 
 @dataclasses.dataclass
