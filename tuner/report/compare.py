@@ -12,9 +12,18 @@ any correct config, which the other side has a winner for, counts as a regressio
 from __future__ import annotations
 
 import dataclasses
+import io
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from attnbench.kernels.table import Entry, TableError, key_text, read_table
 
@@ -24,6 +33,9 @@ from .load import ReportError, is_run_folder, load_run
 from .render import config_text
 
 Echo = Callable[[str], None]
+
+# A log has no width: plain output never wraps a key over two lines.
+_LOG_WIDTH = 1000
 
 
 class CompareError(RuntimeError):
@@ -46,6 +58,14 @@ class Side:
         keys = [e.key for e in self.winners.values()] + list(self.failed.values())
         return {k.get("device_kind") for k in keys}
 
+    def held_keys(self) -> pd.DataFrame:
+        """Every key the side holds, indexed by its canonical text: the key, and its winner
+        (None where a run measured it without a correct config)."""
+        rows = {text: {"key": entry.key, "winner": entry} for text, entry in self.winners.items()}
+        rows.update({text: {"key": key, "winner": None} for text, key in self.failed.items()})
+        return pd.DataFrame.from_dict(rows, orient="index", columns=["key", "winner"],
+                                      dtype=object)
+
 
 def load_side(path: Path) -> Side:
     """A run folder or a tuned table (a .json file) as a comparison side."""
@@ -63,14 +83,10 @@ def load_side(path: Path) -> Side:
         except ReportError as error:
             raise CompareError(str(error)) from None
         winners = {canonical(e.key): e for e in run.winners}
-        failed = {}
         measured = run.measurements
-        for key in measured.loc[(measured["status"] != "skipped") & measured["key"].notna(),
-                                "key"]:
-            if canonical(key) not in winners:
-                failed[canonical(key)] = key
-        label = f"run {run.meta.get('run_id', path.name)}"
-        return Side(path, "run", label, winners, failed, run.unfinished)
+        keys = measured.loc[(measured["status"] != "skipped") & measured["key"].notna(), "key"]
+        failed = {canonical(key): key for key in keys if canonical(key) not in winners}
+        return Side(path, "run", f"run {run.run_id}", winners, failed, run.unfinished)
     try:
         table = read_table(path)
     except TableError as error:
@@ -88,6 +104,12 @@ def _percentiles(entry: Entry) -> tuple[float, float]:
     return p20, p80
 
 
+def _timings(winners: pd.Series) -> pd.DataFrame:
+    """The time, p20 and p80 of each winner (NaN for a time the table does not hold)."""
+    return pd.DataFrame([(entry.time_us, *_percentiles(entry)) for entry in winners],
+                        index=winners.index, columns=["time", "p20", "p80"], dtype=float)
+
+
 @dataclasses.dataclass
 class Row:
     """One key both sides hold."""
@@ -102,7 +124,7 @@ class Row:
     @property
     def winner_changed(self) -> bool:
         return (self.a.variant, canonical(self.a.config)) != (self.b.variant,
-                                                               canonical(self.b.config))
+                                                              canonical(self.b.config))
 
 
 @dataclasses.dataclass
@@ -135,28 +157,41 @@ def judge(ratio: float, band: tuple[float, float], threshold: float) -> str:
     return "same"
 
 
+def _compare_times(shared: pd.DataFrame, threshold: float) -> list[Row]:
+    """A row per key both sides have a timed winner for: regressions first (largest ratio
+    first), then by ratio."""
+    a, b = _timings(shared["winner_a"]), _timings(shared["winner_b"])
+    ratio = b["time"] / a["time"]
+    has_band = (a["p20"] > 0) & (a["p80"] > 0)
+    low = (b["p20"] / a["p80"]).where(has_band, ratio)
+    high = (b["p80"] / a["p20"]).where(has_band, ratio)
+    rows = [Row(entry_a.key, entry_a, entry_b, r, (lo, hi), judge(r, (lo, hi), threshold))
+            for entry_a, entry_b, r, lo, hi
+            in zip(shared["winner_a"], shared["winner_b"], ratio, low, high)]
+    rows.sort(key=lambda row: (row.verdict != "regression", -row.ratio))
+    return rows
+
+
 def compare(a: Side, b: Side, threshold: float) -> Comparison:
-    rows, unusable = [], []
-    for key in sorted(set(a.winners) & set(b.winners)):
-        entry_a, entry_b = a.winners[key], b.winners[key]
-        if not entry_a.time_us or not entry_b.time_us:
-            unusable.append(key_text(entry_a.key))
-            continue
-        a20, a80 = _percentiles(entry_a)
-        b20, b80 = _percentiles(entry_b)
-        ratio = entry_b.time_us / entry_a.time_us
-        band = (b20 / a80, b80 / a20) if a20 and a80 else (ratio, ratio)
-        rows.append(Row(entry_a.key, entry_a, entry_b, ratio, band, judge(ratio, band, threshold)))
-    rows.sort(key=lambda r: (r.verdict != "regression", -r.ratio))
-    failed_in_b = [(a.winners[k].key, a.winners[k]) for k in sorted(set(a.winners) & set(b.failed))]
-    failed_in_a = [(b.winners[k].key, b.winners[k]) for k in sorted(set(b.winners) & set(a.failed))]
-    every_a = set(a.winners) | set(a.failed)
-    every_b = set(b.winners) | set(b.failed)
-    key_of = {**{k: e.key for k, e in a.winners.items()}, **a.failed,
-              **{k: e.key for k, e in b.winners.items()}, **b.failed}
-    only_a = [key_of[k] for k in sorted(every_a - every_b)]
-    only_b = [key_of[k] for k in sorted(every_b - every_a)]
-    return Comparison(a, b, threshold, rows, failed_in_b, failed_in_a, only_a, only_b, unusable)
+    """Sorts every key either side holds into the lists of the comparison (by key)."""
+    keys = pd.merge(a.held_keys(), b.held_keys(), how="outer", left_index=True,
+                    right_index=True, suffixes=("_a", "_b"), indicator="held_by", sort=True)
+    both = keys[keys["held_by"] == "both"]
+    won_a, won_b = both["winner_a"].notna(), both["winner_b"].notna()
+    shared = both[won_a & won_b]
+    timed = pd.Series([bool(x.time_us and y.time_us)
+                       for x, y in zip(shared["winner_a"], shared["winner_b"])],
+                      index=shared.index, dtype=bool)
+    return Comparison(
+        a, b, threshold, _compare_times(shared[timed], threshold),
+        failed_in_b=[(entry.key, entry) for entry in both.loc[won_a & ~won_b, "winner_a"]],
+        failed_in_a=[(entry.key, entry) for entry in both.loc[won_b & ~won_a, "winner_b"]],
+        only_a=keys.loc[keys["held_by"] == "left_only", "key_a"].tolist(),
+        only_b=keys.loc[keys["held_by"] == "right_only", "key_b"].tolist(),
+        unusable=[key_text(entry.key) for entry in shared.loc[~timed, "winner_a"]])
+
+
+# ---- Rendering -------------------------------------------------------------------------------
 
 
 def _entry_text(entry: Entry) -> str:
@@ -165,58 +200,88 @@ def _entry_text(entry: Entry) -> str:
             f"(p20-p80 {p20:.1f}-{p80:.1f})")
 
 
-def _row_text(row: Row) -> str:
-    return (f"  {key_text(row.key)}\n"
-            f"      {row.a.time_us:10.1f} us -> {row.b.time_us:10.1f} us   "
-            f"x{row.ratio:.3f} (noise band x{row.band[0]:.3f}-x{row.band[1]:.3f})"
-            f"{'   winner changed' if row.winner_changed else ''}")
+_VERDICT_STYLE = {"regression": "bold red", "improvement": "green", "same": ""}
 
 
-def render(comparison: Comparison) -> list[str]:
-    """The comparison as text lines: regressions first, then the rest."""
+def _times_table(rows: list[Row], table_box: box.Box) -> Table:
+    table = Table(box=table_box, show_edge=False, pad_edge=False)
+    table.add_column("key")
+    for name in ("A us", "B us", "B / A"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("noise band", no_wrap=True)
+    table.add_column("note")
+    for row in rows:
+        table.add_row(key_text(row.key), f"{row.a.time_us:.1f}", f"{row.b.time_us:.1f}",
+                      Text(f"x{row.ratio:.3f}", style=_VERDICT_STYLE[row.verdict]),
+                      f"x{row.band[0]:.3f}-x{row.band[1]:.3f}",
+                      "winner changed" if row.winner_changed else "")
+    return table
+
+
+def render(comparison: Comparison, *, terminal: bool = False, width: int | None = None) -> str:
+    """The comparison as text: regressions first, then the rest, the lists as tables. In a
+    terminal with colours and wrapped to `width`; otherwise plain ASCII, never wrapped."""
     c = comparison
-    lines = [f"A: {c.a.label} ({c.a.path})", f"B: {c.b.label} ({c.b.path})"]
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=terminal, width=width or _LOG_WIDTH,
+                      soft_wrap=not terminal, markup=False, highlight=False, emoji=False)
+    # Box-drawing characters only where they are sure to show: a log may not be UTF-8.
+    table_box = box.SIMPLE_HEAD if terminal else box.ASCII
+
+    def heading(text: str, style: str = "bold") -> None:
+        console.print()
+        console.print(Text(text, style=style))
+
+    console.print(f"A: {c.a.label} ({c.a.path})")
+    console.print(f"B: {c.b.label} ({c.b.path})")
     for name, side in (("A", c.a), ("B", c.b)):
         if side.unfinished:
-            lines.append(f"note: {name} is an unfinished run; comparing what it logged so far")
-    lines.append(f"{len(c.rows)} shared keys; regression: B slower than A by more than "
-                 f"{c.threshold:.1%} and outside the p20-p80 noise band")
+            console.print(f"note: {name} is an unfinished run; comparing what it logged so far")
+    console.print(f"{len(c.rows)} shared keys; regression: B slower than A by more than "
+                  f"{c.threshold:.1%} and outside the p20-p80 noise band")
     if not c.rows and not c.failed_in_b and c.a.device_kinds != c.b.device_kinds:
-        lines.append(f"note: the sides were measured on different devices "
-                     f"({sorted(map(str, c.a.device_kinds))} vs "
-                     f"{sorted(map(str, c.b.device_kinds))}); keys include the device kind")
+        console.print(f"note: the sides were measured on different devices "
+                      f"({sorted(map(str, c.a.device_kinds))} vs "
+                      f"{sorted(map(str, c.b.device_kinds))}); keys include the device kind")
     regressions = c.regressions
-    lines.append("")
-    lines.append(f"REGRESSIONS ({len(regressions) + len(c.failed_in_b)})" if regressions or
-                 c.failed_in_b else "no regressions")
-    lines += [_row_text(row) for row in regressions]
-    for key, entry in c.failed_in_b:
-        lines.append(f"  {key_text(key)}\n      B measured it but no config was correct "
-                     f"(A: {_entry_text(entry)})")
-    improvements = [r for r in c.rows if r.verdict == "improvement"]
-    if improvements:
-        lines += ["", f"improvements ({len(improvements)})"] + [_row_text(r) for r in improvements]
-    same = [r for r in c.rows if r.verdict == "same"]
-    if same:
-        lines += ["", f"within threshold or noise ({len(same)})"] + [_row_text(r) for r in same]
+    if regressions or c.failed_in_b:
+        heading(f"REGRESSIONS ({len(regressions) + len(c.failed_in_b)})", "bold red")
+        table = _times_table(regressions, table_box)
+        for key, entry in c.failed_in_b:
+            table.add_row(key_text(key), f"{entry.time_us:.1f}", "-", "-", "-",
+                          f"B measured it but no config was correct (A: {_entry_text(entry)})")
+        console.print(table)
+    else:
+        heading("no regressions", "bold green")
+    for verdict, title in (("improvement", "improvements"),
+                           ("same", "within threshold or noise")):
+        rows = [r for r in c.rows if r.verdict == verdict]
+        if rows:
+            heading(f"{title} ({len(rows)})")
+            console.print(_times_table(rows, table_box))
     changed = [r for r in c.rows if r.winner_changed]
     if changed:
-        lines += ["", f"changed winners ({len(changed)}), A | B"]
+        heading(f"changed winners ({len(changed)}), A | B")
+        table = Table("key", "winners", box=table_box, show_edge=False, pad_edge=False)
         for row in changed:
-            lines += [f"  {key_text(row.key)}",
-                      f"      A: {_entry_text(row.a)}",
-                      f"      B: {_entry_text(row.b)}"]
-    for title, items in (("B has a winner where A measured no correct config", c.failed_in_a),):
-        if items:
-            lines += ["", f"{title} ({len(items)})"]
-            lines += [f"  {key_text(k)}: B {_entry_text(e)}" for k, e in items]
+            table.add_row(key_text(row.key),
+                          f"A: {_entry_text(row.a)}\nB: {_entry_text(row.b)}")
+        console.print(table)
+    if c.failed_in_a:
+        heading(f"B has a winner where A measured no correct config ({len(c.failed_in_a)})")
+        for key, entry in c.failed_in_a:
+            console.print(f"  {key_text(key)}: B {_entry_text(entry)}")
     for name, keys in (("only in A", c.only_a), ("only in B", c.only_b)):
         if keys:
-            lines += ["", f"keys {name} ({len(keys)})"] + [f"  {key_text(k)}" for k in keys]
+            heading(f"keys {name} ({len(keys)})")
+            for key in keys:
+                console.print(f"  {key_text(key)}")
     if c.unusable:
-        lines += ["", f"shared keys without a time ({len(c.unusable)})"]
-        lines += [f"  {k}" for k in c.unusable]
-    return lines
+        heading(f"shared keys without a time ({len(c.unusable)})")
+        for text in c.unusable:
+            console.print(f"  {text}")
+    # Table cells are padded to their column's width; a log needs no trailing blanks.
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 def parse_threshold(text: str) -> float:
@@ -243,6 +308,7 @@ def compare_paths(a: Path, b: Path, threshold: float, echo: Echo = print) -> Com
             raise CompareError(f"{name} ({side.path}) holds no tuned entries and no "
                                f"measurements: nothing to compare")
     comparison = compare(side_a, side_b, threshold)
-    for line in render(comparison):
-        echo(line)
+    terminal = sys.stdout.isatty()
+    echo(render(comparison, terminal=terminal,
+                width=shutil.get_terminal_size().columns if terminal else None))
     return comparison
