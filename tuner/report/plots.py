@@ -283,9 +283,8 @@ def speedup_points(summaries: list[ProblemSummary]) -> pd.DataFrame:
             speedup = winner["speedup_vs_default"]
         else:
             continue
-        sequences = winner.get("batch") if summary.op == "decode" else winner.get("num_seqs")
-        if sequences and winner.get("max_len"):
-            points.append({"op": summary.op, "sequences": sequences,
+        if winner.get("sequences") and winner.get("max_len"):
+            points.append({"op": summary.op, "sequences": winner["sequences"],
                            "max_len": winner["max_len"], "speedup": speedup,
                            "label": summary.label})
     return pd.DataFrame(points, columns=["op", "sequences", "max_len", "speedup", "label"])
@@ -304,7 +303,7 @@ def plot_speedup(run: Run, summaries: list[ProblemSummary], out: Path) -> Path |
             log_speedup = np.log(line["speedup"]).groupby(line["max_len"])
             means = np.exp(log_speedup.mean())
             drawn = axis.plot(means.index, means.to_numpy(), marker="o",
-                              label=f"{'batch' if op == 'decode' else 'sequences'} {sequences}")[0]
+                              label=f"sequences {sequences}")[0]
             spread = line[log_speedup.transform("size") > 1]
             if not spread.empty:
                 axis.scatter(spread["max_len"], spread["speedup"], s=10,
