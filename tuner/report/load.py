@@ -72,13 +72,14 @@ def measurements_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     it was logged with, None where a record lacks it (inferred types would turn a size that
     one operator lacks, such as page_size, into a float: 16.0 in labels and file names)."""
     frame = pd.DataFrame(records, dtype=object)
-    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *FIGURES, "round",
-                                                      "is_default", "config", "key"])))
     frame = frame.where(frame.notna(), None)
+    for name in (*FIGURES, "round", "is_default", "config", "key"):
+        if name not in frame:
+            frame[name] = None
     for name in FIGURES:
         frame[name] = pd.to_numeric(frame[name]).astype(float)
-    frame["round"] = frame["round"].fillna(0).astype(int)
-    frame["is_default"] = frame["is_default"].fillna(False).astype(bool)
+    frame["round"] = pd.to_numeric(frame["round"]).fillna(0).astype(int)
+    frame["is_default"] = frame["is_default"].eq(True)
     frame["config"] = [config or {} for config in frame["config"]]
     return frame
 
