@@ -374,7 +374,7 @@ def compare(
     threshold: str = typer.Option("5%", help="Slowdown that counts as a regression, e.g. 5%."),
 ) -> None:
     """Compare B's winners with A's; exit code 1 when B regressed (for CI)."""
-    from attnbench.tuner.compare import CompareError, compare_paths, parse_threshold
+    from attnbench.tuner.report.compare import CompareError, compare_paths, parse_threshold
 
     try:
         limit = parse_threshold(threshold)

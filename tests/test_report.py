@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from attnbench.cli import app
 from attnbench.kernels import DecodeShape, PagedShape
 from attnbench.kernels.table import make_key
+from attnbench.tuner.report import load_run, write_report
+from attnbench.tuner.report.plots import speedup_points
+from attnbench.tuner.report.summary import summarize_problems
 from attnbench.tuner.results import records as run_files
 from attnbench.tuner.results.install import run_table, write_table
-from attnbench.tuner.report import write_report
 from attnbench.tuner.results.selection import select_winners
 
 cli = CliRunner()
@@ -45,9 +47,10 @@ def _decode_record(batch: int, max_len: int, variant: str, config: dict, *, stat
         "id": f"{problem_id}-{variant}-{json.dumps(config, sort_keys=True)}",
         "run_id": "synthetic", "device_kind": "cpu", "op": "decode", "problem_id": problem_id,
         "problem": f"decode Hq8/Hkv2/D64 B={batch} S={max_len} uniform bfloat16", "model": "",
-        "batch": batch, "max_len": max_len, "lengths": "uniform", "min_len": 1, "q_heads": 8,
-        "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16", "features": [], "variant": variant,
-        "config": config, "is_default": is_default, "round": 0, "repeats": 5,
+        "batch": batch, "sequences": batch, "max_len": max_len, "lengths": "uniform",
+        "min_len": 1, "q_heads": 8, "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16",
+        "features": [], "variant": variant, "config": config, "is_default": is_default,
+        "round": 0, "repeats": 5,
         "key": make_key(shape, "cpu"), "status": status, "reason": reason,
         "bytes_moved": bytes_moved, "floor_us": bytes_moved / 20e9 * 1e6,
     }
@@ -66,8 +69,9 @@ def _paged_record(variant: str, config: dict, median: float, is_default: bool):
         "id": f"paged-{variant}-{json.dumps(config, sort_keys=True)}", "run_id": "synthetic",
         "device_kind": "cpu", "op": "paged", "problem_id": "paged-3-128",
         "problem": "paged Hq8/Hkv2/D64 seqs=3 ctx=128 page=16 prefill=0.34 uniform bfloat16",
-        "model": "", "num_seqs": 3, "num_tokens": 40, "page_size": 16, "prefill_fraction": 0.34,
-        "prefill_chunk": 16, "max_len": 128, "lengths": "uniform", "min_len": 1, "q_heads": 8,
+        "model": "", "num_seqs": 3, "sequences": 3, "num_tokens": 40, "page_size": 16,
+        "prefill_fraction": 0.34, "prefill_chunk": 16, "max_len": 128, "lengths": "uniform",
+        "min_len": 1, "q_heads": 8,
         "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16", "features": [], "variant": variant,
         "config": config, "is_default": is_default, "round": 0, "repeats": 5,
         "key": make_key(shape, "cpu"), "status": "ok", "reason": "", "relative_error": 1e-3,
@@ -230,6 +234,22 @@ def test_summary_lists_the_worst_failures(run_dir, tmp_path):
     assert "timeout | 4 |" in failures
 
 
+def test_measurements_keep_logged_types_and_mark_missing_figures(run_dir):
+    measurements = load_run(run_dir).measurements
+    paged = measurements[measurements["op"] == "paged"]
+    decode = measurements[measurements["op"] == "decode"]
+    # A size only one operator has stays an int where it is logged (labels, file names).
+    assert set(map(type, paged["page_size"])) == {int} and decode["page_size"].isna().all()
+    failed = measurements[measurements["status"] != "ok"]
+    assert failed["median_us"].isna().all() and measurements["median_us"].dtype == float
+
+
+def test_speedup_points_count_sequences_whatever_the_operator(run_dir):
+    points = speedup_points(summarize_problems(load_run(run_dir)))
+    by_op = points.groupby("op")["sequences"].unique()
+    assert sorted(by_op["decode"]) == [1, 4] and list(by_op["paged"]) == [3]
+
+
 def _compare(a: Path, b: Path, *extra: str):
     return cli.invoke(app, ["compare", str(a), str(b), *extra])
 
@@ -248,6 +268,7 @@ def test_compare_flags_a_20_percent_regression_not_a_2_percent_one(run_dir, tmp_
 
     same = _compare(run_dir, run_dir)
     assert same.exit_code == 0 and "no regressions" in same.output
+    assert "\x1b[" not in same.output  # not a terminal: no colours, no cursor codes
 
 
 def test_compare_ignores_a_slowdown_inside_the_noise_band(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import math
 import random
 import zlib
@@ -22,6 +21,7 @@ from typing import Any
 from attnbench.kernels.variant import Variant
 
 from . import expressions
+from ..canonical_json import canonical
 from .sweep_file import Search, SweepProblem, SweepSpec, Timing, VariantPlan
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -36,11 +36,6 @@ class Candidate:
     is_default: bool
     skip_reason: str | None = None
     skip_status: str = "skipped"  # "skipped_static" when `attnbench check` found it cannot launch
-
-
-def canonical(value: Any) -> str:
-    """The JSON text that identifies a value (sorted keys, no spaces)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def problem_fields(problem: SweepProblem) -> dict[str, Any]:

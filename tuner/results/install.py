@@ -18,7 +18,7 @@ from attnbench.kernels.lookup import user_tuned_dir
 from attnbench.kernels.table import Entry, Table, TableError, read_table
 
 from .records import write_json_atomic
-from ..plan.space import canonical
+from ..canonical_json import canonical
 
 _RUNS_KEPT = 50
 

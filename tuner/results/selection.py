@@ -18,7 +18,7 @@ from attnbench.kernels import registry
 from attnbench.kernels.table import Entry
 
 from .records import baseline, baseline_times
-from ..plan.space import canonical
+from ..canonical_json import canonical
 
 
 @dataclasses.dataclass
