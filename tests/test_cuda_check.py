@@ -123,3 +123,22 @@ def quoted(config):
     from attnbench.tuner.plan import space
 
     return space.canonical(config).replace('"', '""')
+
+
+def test_sweep_runs_the_static_check_in_a_child_process(tmp_path):
+    """The sweep calls the check as a function in a CPU-only child (never the CLI), gets a
+    verdict for every GPU config of the file, and reuses a finished check on resume."""
+    from attnbench.tuner.check import static_check
+    from attnbench.tuner.plan.sweep_file import load_sweep, quick_sweep_path
+
+    lines = []
+    verdicts = static_check.check_before_sweep(quick_sweep_path(), tmp_path, "nvidia-h100",
+                                               (0, 1), lines.append)
+    expected = static_check.checked_candidates(load_sweep(quick_sweep_path()), (0, 1))
+    assert verdicts is not None and len(verdicts) == len(expected) > 0
+    assert all(status == "ok" for status, _ in verdicts.values()), verdicts
+    assert (tmp_path / "static_check-sm_90.done").exists()
+    lines.clear()
+    assert static_check.check_before_sweep(quick_sweep_path(), tmp_path, "nvidia-h100",
+                                           (0, 1), lines.append) == verdicts
+    assert not any("checking the GPU configs" in line for line in lines)
