@@ -48,23 +48,24 @@ import hashlib
 import importlib.resources
 import itertools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel
 
 from attnbench.kernels import registry
-from attnbench.kernels.inputs import SUPPORTED_DTYPES
-from attnbench.kernels.random_inputs import LENGTH_DISTRIBUTIONS
-from attnbench.kernels.schema import (Boolean, NonNegativeInt, NonNegativeNumber, PositiveInt,
-                                      PositiveNumber, located_problems, one_of)
+from attnbench.kernels.schema import located_problems
 from attnbench.kernels.variant import Variant
 
 from . import expressions
 from .presets import MODEL_PRESETS
+from .sweep_schema import (AllOtherVariantsSchema, OpSchema, Search, SweepFileSchema, Timing,
+                           VariantSchema, none_is_empty, problem_entry_schema)
 
-STRATEGIES = ("grid", "random", "halving")
+__all__ = ["Search", "SweepFileError", "SweepProblem", "SweepSpec", "Timing", "VariantPlan",
+           "load_sweep", "problem_from_entry", "sweep_for_device", "sweeps_dir"]
+
 ALL_OTHER_VARIANTS = "*"
 
 # Names a constraint may read besides the variant's tunables and the op's own sizes.
@@ -87,24 +88,6 @@ class SweepFileError(ValueError):
 
 
 # ---- What a parsed file is ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    warmup: int = 2
-    repeats: int = 10
-    max_seconds: float | None = 2.0  # time budget of the timed calls of one config
-    timeout_s: float = 300.0  # wall clock of one config: compile, check and timing
-    setup_timeout_s: float = 900.0  # preparing a problem: inputs and the reference
-
-
-@dataclasses.dataclass(frozen=True)
-class Search:
-    strategy: str = "grid"
-    samples: int = 8  # random: configs per variant and problem (the default comes on top)
-    keep: float = 0.25  # halving: share of candidates kept after each round
-    rounds: int = 2  # halving: timing rounds, the last with timing.repeats
-    first_repeats: int = 3  # halving: timed calls per config in the first round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,131 +143,6 @@ def device_matches(patterns: tuple[str, ...], device_kind: str, raw_kind: str = 
     return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns for name in names)
 
 
-# ---- The schema -------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TimingSchema(_Strict):
-    warmup: NonNegativeInt = Timing.warmup
-    repeats: PositiveInt = Timing.repeats
-    max_seconds: PositiveNumber | None = Timing.max_seconds
-    timeout_s: PositiveNumber = Timing.timeout_s
-    setup_timeout_s: PositiveNumber = Timing.setup_timeout_s
-
-
-def _share(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"must be a share in (0, 1), got {value!r}")
-    return value
-
-
-def _at_least_two(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"must be an int >= 2, got {value!r}")
-    return value
-
-
-class SearchSchema(_Strict):
-    strategy: one_of(*STRATEGIES) = Search.strategy
-    samples: PositiveInt = Search.samples
-    keep: Annotated[Any, pydantic.AfterValidator(_share)] = Search.keep
-    rounds: Annotated[Any, pydantic.AfterValidator(_at_least_two)] = Search.rounds
-    first_repeats: PositiveInt = Search.first_repeats
-
-
-class SelectSchema(_Strict):
-    noise: NonNegativeNumber = 0.03
-
-
-def _expression_list(value: Any) -> Any:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError("must be a list of expressions")
-    return value
-
-
-class VariantSchema(_Strict):
-    grid: dict[str, Any] | None = None
-    constraints: Annotated[list[Any], BeforeValidator(_expression_list)] = []
-    samples: PositiveInt | None = None
-
-
-class AllOtherVariantsSchema(_Strict):
-    """`"*"`: every registered variant the file does not name (no grid: tunables differ)."""
-
-    constraints: Annotated[list[Any], BeforeValidator(_expression_list)] = []
-    samples: PositiveInt | None = None
-
-
-def _none_is_empty(value: Any) -> Any:
-    return {} if value is None else value
-
-
-class OpSchema(_Strict):
-    problems: list[Any] | None = None
-    variants: Annotated[dict[str, Any], BeforeValidator(_none_is_empty)] | None = None
-
-
-def _devices(value: Any) -> Any:
-    if not isinstance(value, list) or not value or not all(isinstance(d, str) and d for d in value):
-        raise ValueError("must be a non-empty list of device kinds or patterns "
-                         "(e.g. [cpu], [nvidia-h100], ['tpu-v5*'], ['*'])")
-    return value
-
-
-def _string(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
-class SweepFileSchema(_Strict):
-    name: Annotated[Any, pydantic.AfterValidator(_string)] = None
-    description: str = ""
-    devices: Annotated[Any, pydantic.AfterValidator(_devices)]
-    seed: NonNegativeInt = 0
-    timing: Annotated[TimingSchema, BeforeValidator(_none_is_empty)] = TimingSchema()
-    search: Annotated[SearchSchema, BeforeValidator(_none_is_empty)] = SearchSchema()
-    tolerances: Annotated[dict[one_of(*SUPPORTED_DTYPES), PositiveNumber],
-                          BeforeValidator(_none_is_empty)] = {}
-    select: Annotated[SelectSchema, BeforeValidator(_none_is_empty)] = SelectSchema()
-    # Each operator's section is checked on its own (see _parse), so that the errors of every
-    # section are reported even when another part of the file is wrong.
-    ops: Annotated[dict[str, Any], BeforeValidator(_none_is_empty)]
-
-
-def _model_name(value: Any) -> Any:
-    if value not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {value!r}; known: {sorted(MODEL_PRESETS)}")
-    return value
-
-
-ModelName = Annotated[Any, pydantic.AfterValidator(_model_name)]
-
-
-def _problem_entry_schema(op: str) -> type[BaseModel]:
-    """The schema of one problem entry of `op`: every field one value or a list of them."""
-    def axis(field_type):
-        wrap = BeforeValidator(lambda v: v if isinstance(v, list) else [v])
-        return (Annotated[list[field_type], wrap, Field(min_length=1)] | None, None)
-
-    common = {
-        "model": ModelName, "q_heads": PositiveInt,
-        "kv_heads": PositiveInt, "head_dim": PositiveInt,
-        "sliding_window": PositiveInt | None, "logits_soft_cap": PositiveNumber | None,
-        "sinks": Boolean, "dtype": one_of(*SUPPORTED_DTYPES), "context": PositiveInt,
-        "lengths": one_of(*LENGTH_DISTRIBUTIONS), "min_len": NonNegativeInt,
-    }
-    own = {name: field_type for name, (field_type, _) in
-           registry.get_operator(op).problem_class.sweep_fields.items()}
-    fields = {name: axis(field_type) for name, field_type in {**common, **own}.items()}
-    return pydantic.create_model(f"{op}_problem_entry", __base__=_Strict, **fields)
-
-
 # ---- Problems -------------------------------------------------------------------------------
 
 
@@ -302,7 +160,7 @@ def _entry_problems(error: pydantic.ValidationError, entry: dict, where: str) ->
 def _problems_of(op: str, entries: Any, where: str, problems: list[str]) -> list[SweepProblem]:
     if entries is None:
         return []
-    schema = _problem_entry_schema(op)
+    schema = problem_entry_schema(op)
     built = []
     for index, entry in enumerate(entries):
         at = f"{where}[{index}]"
@@ -385,7 +243,7 @@ def _build_problem(op: str, fields: dict[str, Any], where: str,
 def _variant_plan(op: str, variant: Variant, entry: Any, where: str, problems: list[str],
                   schema: type[BaseModel] = VariantSchema) -> VariantPlan | None:
     try:
-        checked = schema.model_validate(_none_is_empty(entry))
+        checked = schema.model_validate(none_is_empty(entry))
     except pydantic.ValidationError as error:
         problems += located_problems(error, (where,))
         return None
@@ -483,7 +341,7 @@ def _parse(data: Any, path: str, sha256: str) -> tuple[SweepSpec | None, list[st
             problems.append(f"ops.{op}: unknown field; allowed: {list(registry.OPERATOR_NAMES)}")
             continue
         try:
-            section = OpSchema.model_validate(_none_is_empty(raw_section))
+            section = OpSchema.model_validate(none_is_empty(raw_section))
         except pydantic.ValidationError as error:
             problems += located_problems(error, ("ops", op))
             continue
@@ -500,8 +358,7 @@ def _parse(data: Any, path: str, sha256: str) -> tuple[SweepSpec | None, list[st
     spec = SweepSpec(
         path=path, name=checked.name if checked.name is not None else Path(path).stem,
         description=checked.description, devices=tuple(checked.devices), seed=checked.seed,
-        timing=Timing(**checked.timing.model_dump()),
-        search=Search(**checked.search.model_dump()),
+        timing=checked.timing, search=checked.search,
         tolerances=dict(checked.tolerances), noise=checked.select.noise,
         problems=tuple(sweep_problems), variants=variants, sha256=sha256,
         warnings=tuple(warnings),
