@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ..inputs import DecodeArgs, DecodeShape
 from ..reference import divide_or_zero, soft_cap
 from ..tunables import (
-    BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, next_power_of_two, one_of, tunable,
+    BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, cdiv, next_power_of_two, one_of, tunable,
 )
 from ..variant import Variant
 
@@ -57,7 +57,7 @@ class XlaBlockedConfig(KernelConfig):
         if self.kv_block_size > next_power_of_two(shape.max_len):
             return (f"kv_block_size {self.kv_block_size} exceeds the cache length "
                     f"S = {shape.max_len} rounded up to a power of two")
-        blocks = shape.batch * -(-shape.max_len // self.kv_block_size)
+        blocks = shape.batch * cdiv(shape.max_len, self.kv_block_size)
         if self.blocks_per_step > blocks:
             return (f"blocks_per_step {self.blocks_per_step} exceeds the {blocks} KV blocks "
                     f"of the cache")
@@ -65,7 +65,7 @@ class XlaBlockedConfig(KernelConfig):
 
     def clamp(self, shape: DecodeShape) -> XlaBlockedConfig:
         block = min(self.kv_block_size, next_power_of_two(shape.max_len))
-        blocks = shape.batch * -(-shape.max_len // block)
+        blocks = shape.batch * cdiv(shape.max_len, block)
         return self.replace(kv_block_size=block, blocks_per_step=min(self.blocks_per_step, blocks))
 
 
@@ -163,7 +163,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
     _, max_len, kv_heads, _ = args.key.shape
     group = q_heads // kv_heads
     block = min(config.kv_block_size, max_len)
-    blocks_per_row = -(-max_len // block)
+    blocks_per_row = cdiv(max_len, block)
     width = config.blocks_per_step
     query = args.query.reshape(batch, kv_heads, group, head_dim)
     native_dot = config.contraction == "head_major_dot" and query.dtype == args.key.dtype
@@ -176,7 +176,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
     if args.window_left is not None:
         low = jnp.maximum(low, end - 1 - args.window_left)
     first_block = low // block
-    block_count = jnp.where(end > low, -(-end // block) - first_block, 0)
+    block_count = jnp.where(end > low, cdiv(end, block) - first_block, 0)
     row_end = jnp.cumsum(block_count)  # the work items of row b are [row_end - count, row_end)
     total = row_end[-1]
     capacity = batch * blocks_per_row
@@ -217,7 +217,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
             key, value = jax.lax.optimization_barrier((key, value))
             return t + 1, maxes, sums, outs, key, value
 
-        num_steps = -(-(limit - first_item) // width)
+        num_steps = cdiv(limit - first_item, width)
         partial = (capacity + 1, kv_heads, group)
         carry = (jnp.int32(0), jnp.full(partial, -jnp.inf, jnp.float32),
                  jnp.zeros(partial, jnp.float32), jnp.zeros(partial + (head_dim,), jnp.float32),
@@ -226,7 +226,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
 
     # Independent splits of the work list (separate loops XLA may run at the same time);
     # each slot is filed by exactly one split, the others leave it at (-inf, 0, 0).
-    per_split = -(-total // config.num_kv_splits)
+    per_split = cdiv(total, config.num_kv_splits)
     maxes, sums, outs = None, None, None
     for split in range(config.num_kv_splits):
         first_item = split * per_split

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
 from ..reference import divide_or_zero, soft_cap
-from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 
 # A step's score block ([Hkv, group * queries_per_block, kv block positions], float32) above
@@ -225,10 +225,6 @@ def grouped_sinks(args: PagedArgs, rows: int) -> jax.Array | None:
     group = args.queries.shape[1] // kv_heads
     sinks = args.sinks.reshape(kv_heads, 1, group)
     return jnp.broadcast_to(sinks, (kv_heads, rows, group)).reshape(kv_heads, rows * group)
-
-
-def cdiv(a, b):
-    return (a + b - 1) // b
 
 
 # ---- The blocked kernel -------------------------------------------------------------------

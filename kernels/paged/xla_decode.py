@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from ..inputs import PagedArgs, PagedShape
-from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked
 from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, PAGE_COPIES, Layout, Softmax, block_scores,
-                          cdiv, empty_softmax, gather_kv_block, loop_variant, sequence_layout,
+                          empty_softmax, gather_kv_block, loop_variant, sequence_layout,
                           softmax_finish, softmax_update)
 
 
