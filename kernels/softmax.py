@@ -100,9 +100,14 @@ def finalize(state: Partial, sinks: jax.Array | None = None) -> jax.Array:
 
 def divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """numerator [..., D] / denominator [...], and 0 where the denominator is 0 (a row that
-    attended no key and no sink): the contract's zeros, never NaN."""
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    return jnp.where(denominator[..., None] > 0, numerator / safe[..., None], 0.0)
+    attended no key and no sink): the contract's zeros, never NaN.
+
+    Only an exact 0 counts as empty: a NaN denominator (a NaN logit of a valid key) must
+    give NaN, as the contract has NaN in valid inputs reach the output.
+    """
+    empty = denominator == 0
+    safe = jnp.where(empty, 1.0, denominator)
+    return jnp.where(empty[..., None], 0.0, numerator / safe[..., None])
 
 
 def soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:

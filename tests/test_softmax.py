@@ -100,6 +100,14 @@ def test_a_sink_only_joins_the_denominator():
     np.testing.assert_allclose(halved, plain[2:] / 2, rtol=1e-6, atol=1e-7)
 
 
+def test_a_nan_logit_of_a_valid_key_propagates():
+    scores, valid, values, _ = case(11)
+    scores = scores.at[3, int(np.flatnonzero(np.asarray(valid[3]))[0])].set(jnp.nan)
+    out = np.asarray(softmax.finalize(state(scores, valid, values)))
+    assert np.all(np.isnan(out[3]))
+    assert np.all(np.isfinite(np.delete(out, 3, axis=0)))
+
+
 def test_soft_cap_bounds_the_logits_and_none_leaves_them():
     scores = jnp.asarray([-1e4, -3.0, 0.0, 0.5, 1e4], jnp.float32)
     capped = np.asarray(softmax.soft_cap(scores, 5.0))
