@@ -1,4 +1,4 @@
-"""The float32 XLA reference of both operators: SEMANTICS.md written as plainly as possible.
+"""The float32 XLA reference of both operators: docs/semantics.md written as plainly as possible.
 
 This is variant ``"reference"`` and the oracle every other variant is checked against. It is
 written for obviousness, not speed: every logit is materialized, masks are spelled out.
