@@ -1,4 +1,4 @@
-"""The float32 XLA reference of both operators: SEMANTICS.md written as plainly as possible.
+"""The float32 XLA reference of both operators: docs/semantics.md written as plainly as possible.
 
 This is variant ``"reference"`` and the oracle every other variant is checked against. It is
 written for obviousness, not speed: every logit is materialized, masks are spelled out.
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from .decode.inputs import DecodeArgs
 from .paged.inputs import PagedArgs
+from .softmax import divide_or_zero, soft_cap
 from .tunables import NoConfig
 from .variant import Variant
 
@@ -37,17 +38,6 @@ def masked_softmax_attention(
         denominator = denominator + jnp.exp(sinks - row_max)
     numerator = jnp.einsum("...n,...nd->...d", weights, values)
     return divide_or_zero(numerator, denominator)
-
-
-def divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """numerator [..., D] / denominator [...], and 0 where the denominator is 0 (a row that
-    attended no key and no sink): the contract's zeros, never NaN."""
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    return jnp.where(denominator[..., None] > 0, numerator / safe[..., None], 0.0)
-
-
-def soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:
-    return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
 def decode_attention_reference(args: DecodeArgs, config: NoConfig | None = None, *,

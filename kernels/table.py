@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .inputs import FEATURES, SUPPORTED_DTYPES
 from .schema import located_problems

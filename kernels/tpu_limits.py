@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .tunables import cdiv
+
 LANES = 128
 MiB = 1024 * 1024
 
@@ -45,7 +47,7 @@ def sublane_tile(dtype) -> int:
 def padded_tile_bytes(rows: int, cols: int, dtype: str) -> int:
     """VMEM bytes of a [rows, cols] block once padded to whole tiles."""
     tile = sublane_tile(dtype)
-    return (-(-rows // tile) * tile) * (-(-cols // LANES) * LANES) * jnp.dtype(dtype).itemsize
+    return (cdiv(rows, tile) * tile) * (cdiv(cols, LANES) * LANES) * jnp.dtype(dtype).itemsize
 
 
 def vmem_budget_bytes() -> int:

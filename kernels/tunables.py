@@ -36,14 +36,18 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def cdiv(numerator, denominator):
-    """Ceiling division, for ints, NumPy and JAX arrays alike (exact for negative numerators)."""
-    return -(-numerator // denominator)
-
-
 def floor_power_of_two(n: int) -> int:
     """The largest power of two <= max(n, 1)."""
     return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def cdiv(a, b):
+    """ceil(a / b) for integers and b > 0: Python ints or traced integer arrays alike.
+
+    Floor division of the negation rounds the other way, so no float is involved (exact
+    for any size) and negative `a` rounds up too, as ceil does.
+    """
+    return -(-a // b)
 
 
 def one_of(*values: Any) -> Rule:

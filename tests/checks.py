@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import numpy as np
 
@@ -9,6 +11,21 @@ from attnbench import kernels
 from attnbench.tuner.measure.accuracy import compare
 
 OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
+
+
+def require_test_extra(*modules: str) -> None:
+    """Imports `modules` or fails the test module that needs them, naming the `test` extra.
+
+    The extra installs every toolchain the suite runs (the Triton interpreter, jax-triton,
+    torch, libtpu), so a missing one means a broken install, not an optional feature: the
+    GPU kernels' tests must fail then, not skip and leave CI green.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(f"{name} is missing: the tests need the `test` extra "
+                              f"(pip install -e '.[test]')") from error
 
 
 def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret: bool = False,

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy statement of SEMANTICS.md, written loop by loop.
+"""An independent float64 NumPy statement of docs/semantics.md, written loop by loop.
 
 It shares no code with attnbench.kernels.reference, so the two can only agree by both
 following the contract.

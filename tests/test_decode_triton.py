@@ -14,19 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from checks import require_test_extra, run_and_compare
 
-pytest.importorskip("triton")
-pytest.importorskip("torch")
-
-from attnbench import kernels  # noqa: E402
-from attnbench.kernels import gpu_limits  # noqa: E402
-from attnbench.kernels.decode import triton_splitkv  # noqa: E402
-from attnbench.kernels.decode.triton_splitkv import TritonSplitKVConfig  # noqa: E402
-from attnbench.kernels import DecodeShape  # noqa: E402
-from attnbench.kernels.tunables import sample_configs  # noqa: E402
-from attnbench.kernels.decode.problem import DecodeProblem  # noqa: E402
+from attnbench import kernels
+from attnbench.kernels import DecodeShape, gpu_limits
 from attnbench.kernels.decode import inputs as decode_inputs
-from checks import run_and_compare  # noqa: E402
+from attnbench.kernels.decode import triton_splitkv
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.decode.triton_splitkv import TritonSplitKVConfig
+from attnbench.kernels.tunables import sample_configs
+
+# The variant imports these lazily; without them every test below would fail one by one.
+require_test_extra("triton", "torch", "jax_triton")
 
 VARIANT = "triton_splitkv"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -239,7 +238,6 @@ def test_validity_rules():
 def test_shared_memory_rule_allows_the_largest_gpu_and_check_judges_each():
     """The rule admits what an H100 can hold; `attnbench check` (cuda_check) tells which GPUs
     can launch it; the heuristic's fitting keeps to what every GPU has."""
-    pytest.importorskip("jax_triton")
     from attnbench.tuner.check import cuda_check
 
     problem = DecodeProblem(batch=2, max_len=1024, q_heads=16, kv_heads=2, head_dim=128,
@@ -293,7 +291,6 @@ def test_needs_interpret_on_cpu():
 def test_exports_for_cuda():
     """jax.export for CUDA compiles both kernels (Triton -> PTX -> ptxas, sm_90) on this host,
     also after an interpreted run in the same process."""
-    pytest.importorskip("jax_triton")
     tiny = DecodeProblem(batch=1, max_len=16, q_heads=2, kv_heads=1, head_dim=16)
     run_and_compare(tiny, VARIANT, seed=0, interpret=True)
     batch, max_len, q_heads, kv_heads, head_dim = 2, 256, 8, 2, 128

@@ -131,6 +131,20 @@ def test_empty_rows_give_zeros(variant):
     assert np.any(np.asarray(out[1], np.float32))
 
 
+@pytest.mark.parametrize("variant", ("reference", *VARIANTS))
+def test_nan_in_a_valid_key_reaches_its_row_and_a_masked_one_nothing(variant):
+    problem = FixedLengths(batch=3, max_len=70, q_heads=4, kv_heads=2, head_dim=16,
+                           dtype="float32", starts=(0, 10, 5), ends=(70, 60, 40), sinks=True)
+    args, kwargs = problem.make_inputs(17)
+    run = jax.jit(lambda *a: kernels.decode_attention(*a, variant=variant, **kwargs))
+    clean = np.asarray(run(*args))
+    # Position 30 is inside row 1's keys [10, 60); position 50 is past row 2's end (40).
+    key = args[1].at[1, 30].set(jnp.nan).at[2, 50].set(jnp.nan)
+    out = np.asarray(run(args[0], key, *args[2:]))
+    assert np.all(np.isnan(out[1]))
+    np.testing.assert_array_equal(out[[0, 2]], clean[[0, 2]])
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_single_sequence(variant):
     problem = DecodeProblem(batch=1, max_len=200, q_heads=4, kv_heads=2, head_dim=16,

@@ -46,13 +46,6 @@ def test_default_config_and_sampled_configs():
         run_and_compare(MIXED, VARIANT, config, seed=index, interpret=True)
 
 
-def test_default_config_is_the_heuristic_and_valid():
-    shape = shape_of(MIXED)
-    default = kernels.registry.get_variant("paged", VARIANT).default_config(shape)
-    assert default == heuristic(shape)
-    assert default.invalid_reason(shape) is None
-
-
 @pytest.mark.parametrize("problem", [
     # decode only, with padding rows and inactive sequences
     PagedProblem(num_seqs=4, max_len=45, page_size=16, dtype="bfloat16", padding_tokens=2,

@@ -17,13 +17,12 @@ import pytest
 from attnbench import kernels
 from attnbench.kernels.decode import pallas_tpu as decode_tpu
 from attnbench.kernels.paged import pallas_tpu as paged_tpu
-from attnbench.kernels.tunables import sample_configs
-from attnbench.kernels.decode.problem import DecodeProblem
-from attnbench.kernels.paged.problem import PagedProblem
+from attnbench.kernels import DecodeShape, PagedShape
 from attnbench.kernels.decode import inputs as decode_inputs
+from attnbench.kernels.decode.problem import DecodeProblem
 from attnbench.kernels.paged import inputs as paged_inputs
-from attnbench.kernels import DecodeShape
-from attnbench.kernels import PagedShape
+from attnbench.kernels.paged.problem import PagedProblem
+from attnbench.kernels.tunables import cdiv, sample_configs
 from checks import run_and_compare
 
 VARIANT = "pallas_tpu"
@@ -265,7 +264,7 @@ def test_paged_work_list_covers_every_row_once():
     np.testing.assert_array_equal(owner[:real], expected)
     assert np.all(owner[real:] == -1)
     # Each query block opens with exactly one first item and closes with one last item.
-    blocks = -(-problem.num_tokens // rows)
+    blocks = cdiv(problem.num_tokens, rows)
     firsts = work[work[:, paged_tpu.FIRST_OF_BLOCK] == 1, paged_tpu.QUERY_BLOCK]
     lasts = work[work[:, paged_tpu.LAST_OF_BLOCK] == 1, paged_tpu.QUERY_BLOCK]
     np.testing.assert_array_equal(firsts, np.arange(blocks))

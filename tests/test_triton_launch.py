@@ -8,6 +8,7 @@ interpreted run of either variant leaves triton as the GPU compiler needs it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -16,20 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from checks import require_test_extra, run_and_compare
 
-pytest.importorskip("triton")
-pytest.importorskip("torch")
+require_test_extra("triton", "torch", "jax_triton")
 
+import jax_triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from attnbench.kernels import gpu_limits, triton_launch  # noqa: E402
 from attnbench.kernels.decode import triton_splitkv  # noqa: E402
 from attnbench.kernels.paged import triton_paged  # noqa: E402
-from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels import DecodeShape, PagedShape  # noqa: E402
+from attnbench.kernels.decode import inputs as decode_inputs  # noqa: E402
+from attnbench.kernels.decode.problem import DecodeProblem  # noqa: E402
+from attnbench.kernels.paged import inputs as paged_inputs  # noqa: E402
 from attnbench.kernels.paged.problem import PagedProblem  # noqa: E402
-from attnbench.kernels.decode import inputs as decode_inputs
-from attnbench.kernels.paged import inputs as paged_inputs
-from checks import run_and_compare  # noqa: E402
 
 # bfloat16 (the widened dot), KV splits (the merge kernels' tl.max / tl.sum) and every feature:
 # each interpreted run calls as many of triton.language's helpers as the variants use.
@@ -97,7 +99,6 @@ def test_interpreted_runs_of_both_variants_then_cuda_exports_of_both(monkeypatch
     Left patched by the interpreter, Triton's front end fails on either kernel
     ("'block_argument' object has no attribute 'get_element_ty'");
     test_a_leaking_scope_is_caught shows this test would see it."""
-    jax_triton = pytest.importorskip("jax_triton")
     # Kernels jax-triton compiled earlier in this process would not go through the front end.
     monkeypatch.setattr(jax_triton.triton_lib, "_COMPILED_KERNEL_CACHE", {})
     run_both_interpreted()
@@ -110,7 +111,6 @@ def test_interpreted_runs_of_both_variants_then_cuda_exports_of_both(monkeypatch
 def test_a_leaking_scope_is_caught():
     """The cross-variant test's negative control: with the restore switched off, the same
     sequence fails the exports (run in a subprocess: the leak would poison this one)."""
-    pytest.importorskip("jax_triton")
     code = (
         "import sys, pytest\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
@@ -248,10 +248,49 @@ def test_modules_import_without_triton_or_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_shared_memory_limits_match_the_cuda_targets():
-    from attnbench.tuner.check import cuda_check
+def _every_config(config_class):
+    """Every combination of a config's sweep choices that its field rules admit."""
+    space = config_class.space()
+    for values in itertools.product(*(entry["choices"] for entry in space.values())):
+        yield config_class(**dict(zip(space, values)))
 
-    assert gpu_limits.SHARED_MEMORY_PER_BLOCK_BYTES == {
-        name: target.shared_bytes_per_block for name, target in cuda_check.TARGETS.items()}
-    assert gpu_limits.MAX_SHARED_MEMORY_BYTES == 227 * 1024  # sm_90
-    assert gpu_limits.PORTABLE_SHARED_MEMORY_BYTES == 99 * 1024  # sm_86, sm_89
+
+SHARED_MEMORY_CASES = {
+    # G = 64 lets block_q_heads take every choice; 4 stages of 128-key blocks overflow sm_90.
+    "triton_splitkv": (triton_splitkv.TritonSplitKVConfig, triton_splitkv.fit_resources,
+                       DecodeShape(batch=4, max_len=4096, q_heads=128, kv_heads=2,
+                                          head_dim=128, dtype="bfloat16")),
+    "triton": (triton_paged.TritonPagedConfig, triton_paged.fit_resources,
+               PagedShape(num_tokens=256, max_seqs=4, pages_per_seq=64, page_size=16,
+                                 num_pages=256, q_heads=32, kv_heads=8, head_dim=128,
+                                 dtype="bfloat16")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SHARED_MEMORY_CASES))
+def test_shared_memory_rules_plan_on_the_largest_gpu_and_fitting_on_any_budget(variant):
+    """Over the whole sweep grid of each Triton variant: the validity rule refuses every
+    config whose estimate exceeds the largest GPU's shared memory and admits some that only
+    the larger GPUs hold; fit_resources brings those within whatever budget it is given."""
+    config_class, fit_resources, shape = SHARED_MEMORY_CASES[variant]
+    largest = gpu_limits.MAX_SHARED_MEMORY_BYTES
+    portable = gpu_limits.PORTABLE_SHARED_MEMORY_BYTES
+    refused_for_memory, only_large_gpus = 0, []
+    for config in _every_config(config_class):
+        needs = config.shared_memory_bytes(shape)
+        reason = config.invalid_reason(shape)
+        if needs > largest:
+            assert reason is not None, (config, needs)
+            refused_for_memory += "shared memory" in reason
+        elif reason is not None:
+            assert "shared memory" not in reason, (config, needs, reason)
+        elif needs > portable:
+            only_large_gpus.append(config)
+    assert refused_for_memory and only_large_gpus
+    budgets = sorted(set(gpu_limits.SHARED_MEMORY_PER_BLOCK_BYTES.values()))
+    for config in only_large_gpus[::7]:
+        for budget in budgets:
+            fitted = fit_resources(config, shape, budget)
+            assert fitted.invalid_reason(shape) is None, (config, budget, fitted)
+            assert fitted.shared_memory_bytes(shape) <= budget, (config, budget, fitted)
+        assert fit_resources(config, shape, largest) == config  # nothing to fit: unchanged

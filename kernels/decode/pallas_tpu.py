@@ -31,7 +31,7 @@ from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
     vmem_budget_bytes,
 )
-from ..tunables import KernelConfig, POSITIVE_INT, tunable
+from ..tunables import KernelConfig, POSITIVE_INT, cdiv, tunable
 from ..variant import Variant
 
 # ---- Config -----------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class PallasTpuDecodeConfig(KernelConfig):
 
     def clamp(self, shape: DecodeShape) -> PallasTpuDecodeConfig:
         tile = sublane_tile(shape.dtype)
-        whole_cache = -(-shape.max_len // tile) * tile
+        whole_cache = cdiv(shape.max_len, tile) * tile
         heads = self.heads_per_block
         if heads > shape.group_size:
             heads = shape.group_size
@@ -152,7 +152,7 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
     _, max_len, kv_heads, _ = args.key.shape
     group = q_heads // kv_heads
     heads, kv_rows = config.heads_per_block, config.kv_block_size
-    num_kv_blocks = -(-max_len // kv_rows)
+    num_kv_blocks = cdiv(max_len, kv_rows)
 
     hi = jnp.clip(args.sequence_end, 0, max_len)
     lo = jnp.clip(args.sequence_start, 0, hi)

@@ -36,7 +36,9 @@ from ..gpu_limits import (
 from ..inputs import FEATURES
 from .inputs import DecodeArgs, DecodeShape
 from ..triton_launch import Launch
-from ..tunables import POWER_OF_TWO, KernelConfig, Rule, next_power_of_two, one_of, tunable
+from ..tunables import (
+    POWER_OF_TWO, KernelConfig, Rule, cdiv, next_power_of_two, one_of, tunable,
+)
 from ..variant import Variant
 
 # The merge stage moves NUM_KV_SPLITS x D floats per program: a fixed small launch suffices.
@@ -84,7 +86,7 @@ class TritonSplitKVConfig(KernelConfig):
             words += 2 * self.kv_block_size * head_dim * itemsize // 4
         if itemsize == 4:
             words += self.block_q_heads * head_dim
-        return -(-words // (self.num_warps * THREADS_PER_WARP))
+        return cdiv(words, self.num_warps * THREADS_PER_WARP)
 
     def invalid_reason(self, shape: DecodeShape) -> str | None:
         group_rows = max(MIN_DOT_SIZE, next_power_of_two(shape.group_size))
@@ -95,7 +97,7 @@ class TritonSplitKVConfig(KernelConfig):
         if self.kv_block_size > longest_block:
             return (f"kv_block_size = {self.kv_block_size} > {longest_block}, the cache length "
                     f"S = {shape.max_len} rounded up to a power of two")
-        max_blocks = -(-shape.max_len // self.kv_block_size)
+        max_blocks = cdiv(shape.max_len, self.kv_block_size)
         if self.num_kv_splits > next_power_of_two(max_blocks):
             return (f"num_kv_splits = {self.num_kv_splits} > {next_power_of_two(max_blocks)}: "
                     f"S = {shape.max_len} has only {max_blocks} blocks of {self.kv_block_size}")
@@ -118,7 +120,7 @@ class TritonSplitKVConfig(KernelConfig):
                             max(MIN_DOT_SIZE, next_power_of_two(shape.group_size)))
         kv_block_size = min(self.kv_block_size,
                             max(MIN_DOT_SIZE, next_power_of_two(shape.max_len)))
-        max_blocks = -(-shape.max_len // kv_block_size)
+        max_blocks = cdiv(shape.max_len, kv_block_size)
         num_kv_splits = min(self.num_kv_splits, next_power_of_two(max_blocks))
         return self.replace(block_q_heads=block_q_heads, kv_block_size=kv_block_size,
                             num_kv_splits=num_kv_splits)
@@ -130,7 +132,7 @@ def heuristic(shape: DecodeShape) -> TritonSplitKVConfig:
     within the shared memory every supported GPU has. Checked with ptxas (sm_90, sm_86) for
     bfloat16 D = 128, float16 D = 256, float32 D = 80: no spills."""
     block_q_heads = min(64, max(MIN_DOT_SIZE, next_power_of_two(shape.group_size)))
-    head_blocks = -(-shape.group_size // block_q_heads)
+    head_blocks = cdiv(shape.group_size, block_q_heads)
     programs_per_split = shape.batch * shape.kv_heads * head_blocks
     num_kv_splits = min(16, next_power_of_two(max(1, 264 // max(1, programs_per_split))))
     if jnp.dtype(shape.dtype).itemsize == 4:
@@ -195,7 +197,7 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
     batch, q_heads, head_dim = args.query.shape
     _, max_len, kv_heads, _ = args.key.shape
     group_size = q_heads // kv_heads
-    head_blocks = -(-group_size // config.block_q_heads)
+    head_blocks = cdiv(group_size, config.block_q_heads)
     query_strides = row_major_strides(args.query.shape)
     kv_strides = row_major_strides(args.key.shape)
     splits = config.num_kv_splits

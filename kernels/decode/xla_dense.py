@@ -14,8 +14,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .. import softmax
 from .inputs import DecodeArgs, DecodeShape
-from ..reference import divide_or_zero, soft_cap
+from ..softmax import soft_cap
 from ..tunables import KernelConfig, one_of, tunable
 from ..variant import Variant
 
@@ -84,31 +85,23 @@ def decode_attention_dense(args: DecodeArgs, config: XlaDenseConfig, *,
         low = jnp.maximum(low, end - 1 - args.window_left)
     position = jnp.arange(max_len)[None, :]
     valid = ((position >= low) & (position < end))[:, None, None, :]  # [B, 1, 1, S]
-    scores = jnp.where(valid, scores, -jnp.inf)
 
-    row_max = jnp.max(scores, axis=-1)
-    if args.sinks is not None:
-        sinks = args.sinks.reshape(1, kv_heads, group)
-        row_max = jnp.maximum(row_max, sinks)
-    # Not -inf: an empty row would give exp(-inf - -inf) = NaN.
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(scores - row_max[..., None])  # masked positions: exp(-inf) = 0
-    denominator = jnp.sum(weights, axis=-1)
-    if args.sinks is not None:
-        denominator = denominator + jnp.exp(sinks - row_max)
-    if config.weight_dtype == "cache":
-        weights = weights.astype(args.value.dtype)
-
-    if config.contraction == "head_major_dot":
-        numerator = jnp.einsum("bhgs,bhsd->bhgd", weights.astype(value.dtype), value,
-                               **accumulate)
-    elif config.contraction == "sequence_major_dot":
-        numerator = jnp.einsum("bhgs,bshd->bhgd", weights.astype(value.dtype), value,
-                               **accumulate)
-    else:
+    def weighted_values(weights):
+        if config.weight_dtype == "cache":
+            weights = weights.astype(args.value.dtype)
+        if config.contraction == "head_major_dot":
+            return jnp.einsum("bhgs,bhsd->bhgd", weights.astype(value.dtype), value,
+                              **accumulate)
+        if config.contraction == "sequence_major_dot":
+            return jnp.einsum("bhgs,bshd->bhgd", weights.astype(value.dtype), value,
+                              **accumulate)
         weights = jnp.transpose(weights.astype(jnp.float32), (0, 3, 1, 2))  # [B, S, Hkv, G]
-        numerator = jnp.sum(weights[..., None] * value[:, :, :, None, :], axis=1)
-    return divide_or_zero(numerator, denominator).reshape(batch, q_heads, head_dim)
+        return jnp.sum(weights[..., None] * value[:, :, :, None, :], axis=1)
+
+    # The whole row is one block: its state, normalized.
+    row = softmax.block(scores, valid, weighted_values)
+    sinks = None if args.sinks is None else args.sinks.reshape(1, kv_heads, group)
+    return softmax.finalize(row, sinks).reshape(batch, q_heads, head_dim)
 
 
 VARIANT = Variant(

@@ -35,7 +35,7 @@ from ..tpu_limits import (
     vmem_budget_bytes,
 )
 from .inputs import PagedArgs, PagedShape
-from ..tunables import KernelConfig, POSITIVE_INT, tunable
+from ..tunables import KernelConfig, POSITIVE_INT, cdiv, tunable
 from ..variant import Variant
 
 
@@ -69,7 +69,7 @@ class PallasTpuPagedConfig(KernelConfig):
 
     def clamp(self, shape: PagedShape) -> PallasTpuPagedConfig:
         tile = sublane_tile(shape.dtype)
-        all_rows = max(tile, -(-shape.num_tokens // tile) * tile)
+        all_rows = max(tile, cdiv(shape.num_tokens, tile) * tile)
         return self.replace(pages_per_block=min(self.pages_per_block, shape.pages_per_seq),
                             query_rows_per_block=min(self.query_rows_per_block, all_rows))
 
@@ -121,7 +121,7 @@ def work_list(args: PagedArgs, query_rows: int, kv_rows: int, num_kv_blocks: int
     num_tokens = args.queries.shape[0]
     page_size = args.kv_pages.shape[1]
     max_seqs, pages_per_seq = args.page_table.shape
-    num_blocks = -(-num_tokens // query_rows)
+    num_blocks = cdiv(num_tokens, query_rows)
     num_items = num_blocks + max_seqs
 
     num_seqs = jnp.clip(args.num_seqs, 0, max_seqs)
@@ -238,9 +238,9 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
     max_seqs, pages_per_seq = args.page_table.shape
     pages, query_rows = config.pages_per_block, config.query_rows_per_block
     kv_rows = pages * page_size
-    num_blocks = -(-num_tokens // query_rows)
+    num_blocks = cdiv(num_tokens, query_rows)
     padded_tokens = num_blocks * query_rows
-    num_kv_blocks = -(-pages_per_seq // pages)
+    num_kv_blocks = cdiv(pages_per_seq, pages)
 
     work = work_list(args, query_rows, kv_rows, num_kv_blocks)
     table = args.page_table.reshape(-1)

@@ -35,7 +35,7 @@ from ..inputs import FEATURES
 from .inputs import PagedArgs, PagedShape
 from ..triton_launch import Launch
 from ..tunables import (
-    POWER_OF_TWO, KernelConfig, floor_power_of_two, next_power_of_two, one_of, tunable,
+    POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, next_power_of_two, one_of, tunable,
 )
 from ..variant import Variant
 
@@ -59,7 +59,7 @@ def min_queries_per_block(shape: PagedShape) -> int:
 
 def min_kv_pages_per_block(shape: PagedShape) -> int:
     """Fewest pages per step that give tl.dot its 16 keys (small pages)."""
-    return next_power_of_two(-(-MIN_DOT_SIZE // shape.page_size))
+    return next_power_of_two(cdiv(MIN_DOT_SIZE, shape.page_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ class TritonPagedConfig(KernelConfig):
     def tile_registers_per_thread(self, shape: PagedShape) -> int:
         """f32 registers per thread held by the accumulator and the logits tile."""
         elements = self.tile_rows(shape) * (padded_head_dim(shape.head_dim) + self.kv_block(shape))
-        return -(-elements // (self.num_warps * THREADS_PER_WARP))
+        return cdiv(elements, self.num_warps * THREADS_PER_WARP)
 
     def invalid_reason(self, shape: PagedShape) -> str | None:
         rows, kv_block = self.tile_rows(shape), self.kv_block(shape)
@@ -144,7 +144,7 @@ class TritonPagedConfig(KernelConfig):
         if self.kv_pages_per_block > most_pages:
             return (f"kv_pages_per_block = {self.kv_pages_per_block} > {most_pages}: a sequence "
                     f"has at most {shape.pages_per_seq} pages")
-        max_blocks = -(-shape.max_len // self.kv_tokens_per_block(shape))
+        max_blocks = cdiv(shape.max_len, self.kv_tokens_per_block(shape))
         if self.kv_splits > next_power_of_two(max_blocks):
             return (f"kv_splits = {self.kv_splits} > {next_power_of_two(max_blocks)}: a sequence "
                     f"has at most {max_blocks} key blocks of {self.kv_tokens_per_block(shape)} "
@@ -168,7 +168,7 @@ class TritonPagedConfig(KernelConfig):
                       max(min_queries_per_block(shape), next_power_of_two(shape.num_tokens)))
         pages = min(self.kv_pages_per_block,
                     max(min_kv_pages_per_block(shape), next_power_of_two(shape.pages_per_seq)))
-        max_blocks = -(-shape.max_len // max(1, pages * shape.page_size // self.sub_page_blocks))
+        max_blocks = cdiv(shape.max_len, max(1, pages * shape.page_size // self.sub_page_blocks))
         splits = min(self.kv_splits, next_power_of_two(max_blocks))
         return self.replace(queries_per_block=queries, kv_pages_per_block=pages, kv_splits=splits)
 
@@ -274,7 +274,7 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
     )
     # Virtual sequences -1 .. max_seqs each start at most one block early (module docstring
     # of triton_paged_kernels): this many programs cover every block of every sequence.
-    query_programs = -(-num_tokens // queries) + max_seqs + 2
+    query_programs = cdiv(num_tokens, queries) + max_seqs + 2
     if splits == 1:
         attention_outputs = (out_shape, ((1,), "float32"))
     else:

@@ -10,7 +10,8 @@ Sequences of exactly one query row (decode rows) take a path with one-row query 
 mixed batch does not pay ``queries_per_block`` rows of work for each decode row.
 
 The pieces shared with the decode-specialized variant (``xla_decode``) live here too:
-sequence layout, one KV block's scores, the online-softmax update and the finish.
+sequence layout, one KV block's gather and scores, and its softmax state. The softmax
+arithmetic itself (states, merge, sinks) is ``kernels/softmax.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import softmax
 from .inputs import PagedArgs, PagedShape
-from ..reference import divide_or_zero, soft_cap
-from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
+from ..softmax import soft_cap
+from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 
 # A step's score block ([Hkv, group * queries_per_block, kv block positions], float32) above
@@ -173,48 +175,17 @@ def block_scores(args: PagedArgs, queries: jax.Array, keys: jax.Array) -> jax.Ar
     return soft_cap(scores * args.softmax_scale, args.logits_soft_cap)
 
 
-class Softmax(NamedTuple):
-    """Online-softmax state of R rows: running max, sum of weights, weighted values."""
+def block_softmax(scores: jax.Array, valid: jax.Array, values: jax.Array) -> softmax.Partial:
+    """The softmax state of one KV block: scores f32 [..., R, N], valid bool, values
+    [..., N, D]."""
 
-    row_max: jax.Array  # f32 [..., R]; -inf until the row has seen a valid key
-    total: jax.Array  # f32 [..., R]
-    out: jax.Array  # f32 [..., R, D]
+    def weighted_values(weights):
+        # Weights stay float32 (values are widened): on XLA:CPU this costs no time and keeps
+        # the error ~100x below rounding the weights to a 16-bit cache dtype.
+        return jnp.einsum("...rn,...nd->...rd", weights, values.astype(jnp.float32),
+                          preferred_element_type=jnp.float32)
 
-
-def empty_softmax(shape: tuple[int, ...], head_dim: int) -> Softmax:
-    return Softmax(jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                   jnp.zeros((*shape, head_dim), jnp.float32))
-
-
-def softmax_update(state: Softmax, scores: jax.Array, valid: jax.Array,
-                   values: jax.Array) -> Softmax:
-    """Folds one KV block in: scores f32 [..., R, N], valid bool, values [..., N, D]."""
-    scores = jnp.where(valid, scores, -jnp.inf)
-    new_max = jnp.maximum(state.row_max, jnp.max(scores, axis=-1))
-    # Shift by 0, not -inf, while a row has no valid key: exp(-inf - -inf) would be NaN.
-    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    weights = jnp.exp(scores - shift[..., None])
-    rescale = jnp.exp(state.row_max - shift)
-    total = state.total * rescale + jnp.sum(weights, axis=-1)
-    # Weights stay float32 (values are widened): on XLA:CPU this costs no time and keeps
-    # the error ~100x below rounding the weights to a 16-bit cache dtype.
-    update = jnp.einsum("...rn,...nd->...rd", weights, values.astype(jnp.float32),
-                        preferred_element_type=jnp.float32)
-    return Softmax(new_max, total, state.out * rescale[..., None] + update)
-
-
-def softmax_finish(state: Softmax, sinks: jax.Array | None) -> jax.Array:
-    """The normalized output f32 [..., R, D]; zeros for a row with no valid key.
-
-    sinks: f32 broadcastable to state.total, or None; a sink joins the denominator only.
-    """
-    total, out = state.total, state.out
-    if sinks is not None:
-        new_max = jnp.maximum(state.row_max, sinks)
-        rescale = jnp.exp(state.row_max - new_max)  # 0 when the row saw no key
-        total = total * rescale + jnp.exp(sinks - new_max)
-        out = out * rescale[..., None]
-    return divide_or_zero(out, total)
+    return softmax.block(scores, valid, weighted_values)
 
 
 def grouped_sinks(args: PagedArgs, rows: int) -> jax.Array | None:
@@ -225,10 +196,6 @@ def grouped_sinks(args: PagedArgs, rows: int) -> jax.Array | None:
     group = args.queries.shape[1] // kv_heads
     sinks = args.sinks.reshape(kv_heads, 1, group)
     return jnp.broadcast_to(sinks, (kv_heads, rows, group)).reshape(kv_heads, rows * group)
-
-
-def cdiv(a, b):
-    return (a + b - 1) // b
 
 
 # ---- The blocked kernel -------------------------------------------------------------------
@@ -287,12 +254,12 @@ def _attend_query_block(args: PagedArgs, seq: jax.Array, layout: Layout, first_r
                  & (key_position[None, :] < context) & row_valid[:, None])
         if args.window_left is not None:
             valid &= key_position[None, :] >= row_position[:, None] - args.window_left
-        return step + 1, softmax_update(state, scores, valid[None], values)
+        return step + 1, softmax.merge(state, block_softmax(scores, valid[None], values))
 
     _, state = jax.lax.while_loop(
         lambda carry: carry[0] < num_blocks, body,
-        (jnp.int32(0), empty_softmax((kv_heads, rows * group), head_dim)))
-    out = softmax_finish(state, grouped_sinks(args, rows))  # [Hkv, rows * G, D]
+        (jnp.int32(0), softmax.empty((kv_heads, rows * group), head_dim)))
+    out = softmax.finalize(state, grouped_sinks(args, rows))  # [Hkv, rows * G, D]
     return out.reshape(kv_heads, rows, group, head_dim).transpose(1, 0, 2, 3).reshape(
         rows, q_heads, head_dim)
 

@@ -19,13 +19,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .. import softmax
 from .inputs import PagedArgs, PagedShape
-from ..tunables import POWER_OF_TWO, KernelConfig, floor_power_of_two, one_of, tunable
+from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked
-from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, PAGE_COPIES, Layout, Softmax, block_scores,
-                          cdiv, empty_softmax, gather_kv_block, loop_variant, sequence_layout,
-                          softmax_finish, softmax_update)
+from .xla_blocked import (MAX_SCORE_BLOCK_ELEMENTS, PAGE_COPIES, Layout, block_scores,
+                          block_softmax, gather_kv_block, loop_variant, sequence_layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,31 +102,19 @@ def heuristic(shape: PagedShape) -> XlaDecodeConfig:
     ).clamp(shape)
 
 
-def _combine(a: Softmax, b: Softmax) -> Softmax:
-    """Two online-softmax states of the same rows, merged."""
-    new_max = jnp.maximum(a.row_max, b.row_max)
-    # Each state keeps (total, out) relative to its own max (0 while it has seen no key),
-    # so exp(own max - new shift) rescales it; an empty one has -inf there and gives 0.
-    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    scale_a = jnp.exp(a.row_max - shift)
-    scale_b = jnp.exp(b.row_max - shift)
-    return Softmax(new_max, a.total * scale_a + b.total * scale_b,
-                   a.out * scale_a[..., None] + b.out * scale_b[..., None])
-
-
-def _merge(state: Softmax, seq: jax.Array, part: Softmax) -> Softmax:
-    """Merges the partials `part` ([W, ...]) of W blocks into rows `seq` [W] of `state`.
+def _merge(state: softmax.Partial, seq: jax.Array, part: softmax.Partial) -> softmax.Partial:
+    """Merges the states `part` ([W, ...]) of W blocks into rows `seq` [W] of `state`.
 
     One block at a time, so two blocks of one sequence in a step merge in turn; each
     touches only its own row (not the whole state, whose size grows with max_seqs).
     """
     for index in range(seq.shape[0]):
         row = seq[index]
-        old = Softmax(*(jax.lax.dynamic_index_in_dim(field, row, keepdims=False)
-                        for field in state))
-        new = _combine(old, Softmax(*(field[index] for field in part)))
-        state = Softmax(*(jax.lax.dynamic_update_index_in_dim(field, value, row, 0)
-                          for field, value in zip(state, new)))
+        old = softmax.Partial(*(jax.lax.dynamic_index_in_dim(field, row, keepdims=False)
+                                for field in state))
+        new = softmax.merge(old, softmax.Partial(*(field[index] for field in part)))
+        state = softmax.Partial(*(jax.lax.dynamic_update_index_in_dim(field, value, row, 0)
+                                  for field, value in zip(state, new)))
     return state
 
 
@@ -175,16 +163,15 @@ def _decode_step(args: PagedArgs, config: XlaDecodeConfig, layout: Layout) -> ja
         valid = ((key_position < layout.context[safe_seq][:, None])
                  & (key_position >= first_key[safe_seq][:, None])
                  & (seq < max_seqs)[:, None])
-        part = softmax_update(empty_softmax((width, kv_heads, group), head_dim), scores,
-                              valid[:, None, None, :], values)
+        part = block_softmax(scores, valid[:, None, None, :], values)
         return step + 1, _merge(state, seq, part)
 
     _, state = jax.lax.while_loop(
         lambda carry: carry[0] * width < total_blocks, body,
-        (jnp.int32(0), empty_softmax((max_seqs + 1, kv_heads, group), head_dim)))
-    state = Softmax(*(field[:max_seqs] for field in state))
+        (jnp.int32(0), softmax.empty((max_seqs + 1, kv_heads, group), head_dim)))
+    state = softmax.Partial(*(field[:max_seqs] for field in state))
     sinks = None if args.sinks is None else args.sinks.reshape(kv_heads, group)
-    out = softmax_finish(state, sinks).reshape(max_seqs, q_heads, head_dim)
+    out = softmax.finalize(state, sinks).reshape(max_seqs, q_heads, head_dim)
     rows = jnp.where(has_row, layout.row_start, num_tokens)  # num_tokens: dropped
     return jnp.zeros((num_tokens, q_heads, head_dim), jnp.float32).at[rows].set(
         out, mode="drop")
