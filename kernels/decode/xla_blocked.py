@@ -152,6 +152,8 @@ def _block_partial(query, keys, values, valid, args, contraction):
     # Not -inf: a block with no valid key would give exp(-inf - -inf) = NaN.
     shift = jnp.where(jnp.isfinite(block_max), block_max, 0.0)
     weights = jnp.exp(scores - jnp.expand_dims(shift, axis))
+    # 0 * NaN is NaN: garbage in a masked value slot must be dropped, not just weighted 0.
+    values = jnp.where(valid[:, None] if head_major else valid[:, None, None], values, 0)
     return block_max, jnp.sum(weights, axis=axis), _weighted_values(weights, values, contraction)
 
 

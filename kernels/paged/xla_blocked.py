@@ -198,6 +198,8 @@ def softmax_update(state: Softmax, scores: jax.Array, valid: jax.Array,
     total = state.total * rescale + jnp.sum(weights, axis=-1)
     # Weights stay float32 (values are widened): on XLA:CPU this costs no time and keeps
     # the error ~100x below rounding the weights to a 16-bit cache dtype.
+    # 0 * NaN is NaN: a value no row of the block may read is dropped, not just weighted 0.
+    values = jnp.where(jnp.any(valid, axis=-2)[..., None], values, 0)
     update = jnp.einsum("...rn,...nd->...rd", weights, values.astype(jnp.float32),
                         preferred_element_type=jnp.float32)
     return Softmax(new_max, total, state.out * rescale[..., None] + update)

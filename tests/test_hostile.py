@@ -1,0 +1,139 @@
+"""Careless and hostile inputs: garbage where no kernel may read, and bad values anywhere.
+
+Every test here is small and bounded in time: a hostile input must give a named error, a
+bounded refusal or the contract's result, never a hang, a crash or a poisoned row.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnbench import kernels
+
+HAS_TRITON = all(importlib.util.find_spec(m) for m in ("triton", "torch"))
+GARBAGE = (np.nan, 1e30, -np.inf, np.inf)
+
+
+def _poison(array: np.ndarray, forbidden: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(`array` with garbage where `forbidden`, `array` with zeros there)."""
+    picks = rng.integers(0, len(GARBAGE), size=array.shape)
+    garbage = np.asarray(GARBAGE, np.float32)[picks]
+    return np.where(forbidden, garbage, array), np.where(forbidden, 0.0, array)
+
+
+# ---- decode: positions before start, at or after end, outside the window -------------------
+
+def _decode_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    batch, max_len, q_heads, kv_heads, dim = 3, 128, 4, 2, 128
+    start = np.array([5, 0, 70], np.int32)
+    end = np.array([100, 128, 70], np.int32)  # the last row has no valid key
+    query = rng.standard_normal((batch, q_heads, dim), np.float32)
+    key = rng.standard_normal((batch, max_len, kv_heads, dim), np.float32)
+    value = rng.standard_normal((batch, max_len, kv_heads, dim), np.float32)
+    j = np.arange(max_len)[None, :]
+    forbidden = ((j < start[:, None]) | (j >= end[:, None]))[:, :, None, None]
+    forbidden = np.broadcast_to(forbidden, key.shape)
+    bad_key, clean_key = _poison(key, forbidden, rng)
+    bad_value, clean_value = _poison(value, forbidden, rng)
+    return (query, bad_key, bad_value, start, end), (query, clean_key, clean_value, start, end)
+
+
+DECODE_CASES = [
+    ("reference", None), ("xla_dense", None),
+    ("xla_dense", {"contraction": "sequence_major_dot"}),
+    ("xla_dense", {"contraction": "fused_reduce", "precision": "upcast_first"}),
+    *[("xla_blocked", {"contraction": c, "kv_block_size": 64, "blocks_per_step": 2})
+      for c in ("fused_reduce", "head_major_dot", "key_major_dot", "block_diagonal_dot")],
+    ("pallas_tpu", {"kv_block_size": 64}),
+    pytest.param("triton_splitkv", None,
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton and torch")),
+]
+
+
+DECODE_KWARGS = {"sliding_window": 40, "sinks": np.full((4,), 0.5, np.float32)}
+
+
+@functools.cache
+def _decode_expected():
+    _, clean = _decode_inputs()
+    return np.asarray(kernels.decode_attention(*map(jnp.asarray, clean), variant="reference",
+                                               **DECODE_KWARGS))
+
+
+@pytest.mark.parametrize("variant,config", DECODE_CASES)
+def test_decode_garbage_outside_the_valid_range_contributes_nothing(variant, config):
+    bad, _ = _decode_inputs()
+    kwargs = DECODE_KWARGS
+    expected = _decode_expected()
+    out = kernels.decode_attention(*map(jnp.asarray, bad), variant=variant, config=config,
+                                   interpret=variant != "reference" and not variant.startswith("xla"),
+                                   **kwargs)
+    out = np.asarray(out)
+    assert np.isfinite(out).all(), f"{variant} read a masked position"
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+# ---- paged: unused slots, unowned pages, padding rows, inactive sequences ---------------------
+
+def _paged_inputs(decode_only: bool, seed=0):
+    rng = np.random.default_rng(seed)
+    pages, page_size, q_heads, kv_heads, dim = 10, 16, 4, 2, 128
+    # seq 0: 3 new rows (1 in a decode-only batch) over 20 keys on pages 1, 2; seq 1: one row
+    # over 5 keys on page 3; seq 2 is inactive (num_seqs = 2) but names page 4.
+    q0 = 1 if decode_only else 3
+    context = np.array([20, 5, 10, 0], np.int32)
+    table = np.array([[1, 2, 0], [3, 7, 8], [4, 0, 0], [9, 9, 9]], np.int32)
+    starts = np.array([0, q0, q0 + 1, q0 + 1, q0 + 1], np.int32)
+    num_seqs = np.array([2], np.int32)
+    tokens = q0 + 3  # two padding rows
+    queries = rng.standard_normal((tokens, q_heads, dim), np.float32)
+    kv = rng.standard_normal((pages, page_size, 2 * kv_heads, dim), np.float32)
+    readable = np.zeros((pages, page_size), bool)
+    readable[1, :] = True
+    readable[2, :4] = True
+    readable[3, :5] = True
+    forbidden = np.broadcast_to(~readable[:, :, None, None], kv.shape)
+    bad_kv, clean_kv = _poison(kv, forbidden, rng)
+    padding = np.broadcast_to((np.arange(tokens) >= q0 + 1)[:, None, None], queries.shape)
+    bad_q, clean_q = _poison(queries, padding, rng)
+    rest = (context, table, starts, num_seqs)
+    return (bad_q, bad_kv, *rest), (clean_q, clean_kv, *rest)
+
+
+# xla_decode runs its own path only on decode-only batches; the others see a mixed batch.
+PAGED_CASES = [
+    ("reference", None, False), ("xla_blocked", None, False),
+    ("xla_blocked", {"page_copy": "heads"}, False), ("xla_decode", None, True),
+    ("pallas_tpu", None, False),
+    pytest.param("triton", None, False,
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton and torch")),
+]
+PAGED_KWARGS = {"sliding_window": 12, "logits_soft_cap": 5.0}
+
+
+@functools.cache
+def _paged_expected(decode_only: bool):
+    _, clean = _paged_inputs(decode_only)
+    return np.asarray(kernels.ragged_paged_attention(*map(jnp.asarray, clean),
+                                                     variant="reference", **PAGED_KWARGS))
+
+
+@pytest.mark.parametrize("variant,config,decode_only", PAGED_CASES)
+def test_paged_garbage_in_unread_slots_contributes_nothing(variant, config, decode_only):
+    bad, _ = _paged_inputs(decode_only)
+    kwargs = PAGED_KWARGS
+    expected = _paged_expected(decode_only)
+    out = kernels.ragged_paged_attention(
+        *map(jnp.asarray, bad), variant=variant, config=config,
+        interpret=variant != "reference" and not variant.startswith("xla"), **kwargs)
+    out = np.asarray(out)
+    assert np.isfinite(out).all(), f"{variant} read a slot it must not"
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+    assert not out[bad[0].shape[0] - 2:].any(), "padding rows are not zero"
