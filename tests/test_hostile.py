@@ -7,6 +7,7 @@ bounded refusal or the contract's result, never a hang, a crash or a poisoned ro
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 
 import jax
@@ -137,3 +138,54 @@ def test_paged_garbage_in_unread_slots_contributes_nothing(variant, config, deco
     assert np.isfinite(out).all(), f"{variant} read a slot it must not"
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
     assert not out[bad[0].shape[0] - 2:].any(), "padding rows are not zero"
+
+
+# ---- run folders: one owner at a time, each measurement counted once -------------------------
+
+def test_a_second_process_on_a_run_folder_is_refused_by_name(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from attnbench.tuner import sweep
+    from attnbench.tuner.errors import SweepError
+    from attnbench.tuner.results import records
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / records.RUN_FILE).write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from attnbench.tuner.results.lock import RunFolderLock
+        with RunFolderLock({str(run_dir)!r}):
+            print("held", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SweepError, match=rf"in use by pid {holder.pid} on "):
+            sweep.resume_sweep(run_dir, install_winners=False, echo=lambda line: None)
+    finally:
+        holder.communicate("", timeout=30)
+    # Released (as it is when the holder dies): the next owner gets in.
+    from attnbench.tuner.results.lock import RunFolderLock
+    with RunFolderLock(run_dir):
+        pass
+
+
+def test_duplicate_and_malformed_log_lines_are_merged_and_named(tmp_path):
+    from attnbench.tuner.results import records
+
+    path = tmp_path / records.LOG_FILE
+    base = {"status": "ok", "problem_id": "p", "variant": "v"}
+    lines = [dict(base, id="a", median_us=1.0), dict(base, id="b"), {}, [1], "1" * 5000,
+             dict(base, id="a", median_us=2.0)]
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                            for line in lines))
+    with pytest.warns(UserWarning) as caught:
+        got = records.read_records(path)
+    assert [(r["id"], r.get("median_us")) for r in got] == [("a", 1.0), ("b", None)]
+    messages = [str(w.message) for w in caught]
+    assert any(f"{path}:3" in m and "'id'" in m for m in messages)
+    assert any(f"{path}:4" in m for m in messages)
+    assert any(f"{path}:5" in m for m in messages)  # 5000 digits: refused, not parsed

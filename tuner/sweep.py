@@ -32,6 +32,7 @@ from .plan.sweep_file import SweepSpec, load_sweep
 from .progress import SweepProgress
 from .results import records as run_files
 from .results.install import install, run_table, write_table
+from .results.lock import RunFolderLock
 from .results.selection import select_winners
 
 Echo = Callable[[str], None]
@@ -221,10 +222,20 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
                          f"{kind!r} ({environment['device_kind_raw']})")
     run_id = f"{_now_tag()}-{kind}" + (f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "")
     run_dir = Path(out) if out is not None else Path("results") / "runs" / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SweepError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SweepError(f"{run_dir} already holds files; choose another --out, or continue "
                          f"that run with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunFolderLock(run_dir):
+        _start_in(run_dir, sweep_path, spec, environment, shard, run_id, install_winners, echo)
+    return run_dir
+
+
+def _start_in(run_dir: Path, sweep_path: Path, spec: SweepSpec, environment: dict[str, Any],
+              shard: tuple[int, int], run_id: str, install_winners: bool, echo: Echo) -> None:
+    kind = environment["device_kind"]
     shutil.copyfile(sweep_path, run_dir / run_files.SWEEP_COPY)
     run = {"run_id": run_id, "sweep_name": spec.name, "sweep_file": str(sweep_path),
            "sweep_sha256": spec.sha256, "device_kind": kind, "shard": list(shard),
@@ -238,7 +249,6 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
     echo(f"device {kind}; read bandwidth "
          f"{environment.get('read_bandwidth_bytes_per_s', 0) / 1e9:.1f} GB/s; run folder {run_dir}")
     _execute(run_dir, spec, run, environment, install_winners, echo)
-    return run_dir
 
 
 def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = print) -> Path:
@@ -246,6 +256,12 @@ def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = pr
     run_dir = Path(run_dir)
     if not (run_dir / run_files.RUN_FILE).exists():
         raise SweepError(f"{run_dir} is not a run folder (no {run_files.RUN_FILE})")
+    with RunFolderLock(run_dir):
+        _resume_in(run_dir, install_winners, echo)
+    return run_dir
+
+
+def _resume_in(run_dir: Path, install_winners: bool, echo: Echo) -> None:
     run = run_files.read_json(run_dir / run_files.RUN_FILE)
     environment = run_files.read_json(run_dir / run_files.ENVIRONMENT_FILE)
     spec = load_sweep(run_dir / run_files.SWEEP_COPY)
@@ -259,7 +275,6 @@ def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = pr
                          f"{here['device_kind']!r}")
     echo(f"resuming {run['run_id']} in {run_dir}")
     _execute(run_dir, spec, run, environment, install_winners, echo)
-    return run_dir
 
 
 def _execute(run_dir: Path, spec: SweepSpec, run: dict[str, Any], environment: dict[str, Any],
@@ -299,9 +314,17 @@ def merge_runs(run_dirs: list[Path], *, out: Path | None = None, install_winners
                                  f"from {run_dirs[0]}'s {first[field]!r}")
     run_id = f"{_now_tag()}-{first['device_kind']}-merged"
     out = Path(out) if out is not None else Path("results") / "runs" / run_id
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SweepError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with RunFolderLock(out):
+        _merge_into(out, run_dirs, runs, run_id, install_winners, echo)
+    return out
+
+
+def _merge_into(out: Path, run_dirs: list[Path], runs: list[dict[str, Any]], run_id: str,
+                install_winners: bool, echo: Echo) -> None:
+    first = runs[0]
     shutil.copyfile(Path(run_dirs[0]) / run_files.SWEEP_COPY, out / run_files.SWEEP_COPY)
     environment = run_files.read_json(Path(run_dirs[0]) / run_files.ENVIRONMENT_FILE)
     run_files.write_json_atomic(out / run_files.ENVIRONMENT_FILE, environment)
@@ -319,4 +342,3 @@ def merge_runs(run_dirs: list[Path], *, out: Path | None = None, install_winners
     log.close()
     echo(f"merged {len(seen)} measurements from {len(run_dirs)} runs")
     finish(out, install_winners=install_winners, echo=echo)
-    return out
