@@ -189,3 +189,26 @@ def test_duplicate_and_malformed_log_lines_are_merged_and_named(tmp_path):
     assert any(f"{path}:3" in m and "'id'" in m for m in messages)
     assert any(f"{path}:4" in m for m in messages)
     assert any(f"{path}:5" in m for m in messages)  # 5000 digits: refused, not parsed
+
+
+# ---- index arrays wider than int32 -----------------------------------------------------------
+
+def test_int64_indices_are_checked_before_the_cast():
+    _, (query, key, value, start, end) = _decode_inputs()
+    wide_end = end.astype(np.int64)
+    wide_end[1] = 2**32 + 4  # would wrap to 4
+    for validate in (False, True):
+        with pytest.raises(ValueError, match=r"sequence_end\[1\] = 4294967300 does not fit int32"):
+            kernels.decode_attention(query, key, value, start, wide_end, validate=validate)
+    # Wide arrays whose values fit are fine (numpy's default int is int64).
+    out = kernels.decode_attention(query, key, value, start.astype(np.int64),
+                                   end.astype(np.int64), variant="reference")
+    assert np.isfinite(np.asarray(out)).all()
+
+    _, (queries, kv, context, table, starts, num_seqs) = _paged_inputs(True)
+    wide_table = table.astype(np.int64)
+    wide_table[0, 1] = 2**32 + 5  # would read page 5
+    with pytest.raises(ValueError, match=r"page_table\[0\]\[1\] = 4294967301 does not fit"):
+        kernels.ragged_paged_attention(queries, kv, context, wide_table, starts, num_seqs)
+    with pytest.raises(ValueError, match=r"num_seqs = 4294967298 does not fit int32"):
+        kernels.ragged_paged_attention(queries, kv, context, table, starts, 2**32 + 2)
