@@ -212,3 +212,105 @@ def test_int64_indices_are_checked_before_the_cast():
         kernels.ragged_paged_attention(queries, kv, context, wide_table, starts, num_seqs)
     with pytest.raises(ValueError, match=r"num_seqs = 4294967298 does not fit int32"):
         kernels.ragged_paged_attention(queries, kv, context, table, starts, 2**32 + 2)
+
+
+# ---- tables and sweep files: bounded parsing, bad entries skipped by name ---------------------
+
+_GOOD_ENTRY = {
+    "op": "decode", "variant": "xla_blocked", "config": {"kv_block_size": 64},
+    "key": {"device_kind": "cpu", "op": "decode", "dtype": "float32", "q_heads": 4,
+            "kv_heads": 2, "head_dim": 128, "features": [], "batch": 4, "max_len": 128}}
+_BAD_ENTRIES = [
+    dict(_GOOD_ENTRY, op=[]), dict(_GOOD_ENTRY, key={"op": {"a": 1}}),
+    dict(_GOOD_ENTRY, key=dict(_GOOD_ENTRY["key"], features=[{}])),
+    dict(_GOOD_ENTRY, config={"kv_block_size": 3}), dict(_GOOD_ENTRY, config={"nope": 1}),
+    dict(_GOOD_ENTRY, variant="nope"), dict(_GOOD_ENTRY, variant="xla_decode"),
+    dict(_GOOD_ENTRY, config={"num_kv_splits": 800}),
+]
+
+
+def test_malformed_table_entries_are_skipped_by_name_and_validate_agrees(tmp_path):
+    from attnbench.kernels import table
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"schema_version": 1, "meta": {},
+                                "entries": _BAD_ENTRIES + [_GOOD_ENTRY]}))
+    with pytest.warns(UserWarning) as caught:
+        loaded = table.read_table(path)
+    assert loaded.entries == (table.Entry(**_GOOD_ENTRY),)
+    assert loaded.file_index(0) == len(_BAD_ENTRIES)
+    skipped = [str(w.message) for w in caught]
+    for index in range(len(_BAD_ENTRIES)):
+        assert any(str(path) in m and f"entries[{index}]" in m for m in skipped), index
+    problems = table.table_problems(json.loads(path.read_text()))
+    assert {p.split(".")[0].split(":")[0] for p in problems} == {
+        f"entries[{i}]" for i in range(len(_BAD_ENTRIES))}
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[" * 5000 + "]" * 5000, "nested"),
+    ('{"a": ' + "7" * 5000 + "}", "digits"),
+    ("\x00\xff\xfe", "not UTF-8"),
+])
+def test_hostile_table_files_are_refused_quickly(tmp_path, text, words):
+    from attnbench.kernels import table
+
+    path = tmp_path / "t.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(table.TableError, match=words):
+        table.read_table(path)
+
+
+def test_a_fifo_or_folder_is_never_read_as_a_table(tmp_path):
+    import os
+
+    from attnbench.kernels import lookup, table
+
+    os.mkfifo(tmp_path / "a.json")
+    (tmp_path / "b.json").mkdir()
+    assert lookup.tables_in(tmp_path) == []  # returns at once: no open() of the FIFO
+    for name, words in (("a.json", "not a regular file"), ("b.json", "a folder")):
+        with pytest.raises(table.TableError, match=words):
+            table.read_table(tmp_path / name)
+
+
+def test_a_missing_tuned_path_is_named(tmp_path, monkeypatch):
+    from attnbench.kernels import lookup
+
+    monkeypatch.setenv(lookup.TUNED_ENV, str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="nowhere, which does not exist"):
+        lookup.table_sources()
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("text,words", [
+    (ALIAS_BOMB, "expands to more than"),
+    ("a: " + "[" * 20000 + "]" * 20000, "nested"),
+    ("name: big\ndevices: ['*']\nops:\n  decode:\n    problems:\n      - {q_heads: 8,"
+     " kv_heads: 2, head_dim: 64, batch: &n [1, 2, 3, 4, 5, 6, 7, 8, 9], context: *n,"
+     " sliding_window: *n, logits_soft_cap: *n, lengths: uniform, dtype: float32}\n"
+     "    variants: {reference: {}}\n",
+     "cross into"),
+])
+def test_hostile_sweep_files_are_refused_quickly(tmp_path, text, words):
+    from attnbench.tuner.plan import sweep_file
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    problems = sweep_file.sweep_problems_in_file(path)
+    assert any(words in p for p in problems), problems
+
+
+@pytest.mark.parametrize("text,words", [
+    ("(((9**256)**256)**256) > 1", "beyond 2\\*\\*64"),
+    ("contraction * 10**12 != 1", "needs numbers"),
+    ("2**62 * 4 > 0", "beyond 2\\*\\*63"),
+])
+def test_constraints_bound_every_intermediate(text, words):
+    from attnbench.tuner.plan import expressions
+
+    with pytest.raises(expressions.ExpressionError, match=words):
+        expressions.parse(text).evaluate({"contraction": "fused_reduce"})

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from .inputs import DecodeArgs, DecodeShape
 from ..reference import divide_or_zero, soft_cap
 from ..tunables import (
-    BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, next_power_of_two, one_of, tunable,
+    BOOL, POWER_OF_TWO, KernelConfig, int_in, next_power_of_two, one_of, tunable,
 )
 from ..variant import Variant
 
@@ -34,7 +34,7 @@ class XlaBlockedConfig(KernelConfig):
         1024, (64, 128, 256, 512, 1024, 2048), POWER_OF_TWO,
         "cache positions per KV block (the unit of skipping and of partial softmax)")
     blocks_per_step: int = tunable(
-        1, (1, 2, 4, 8), POSITIVE_INT,
+        1, (1, 2, 4, 8), int_in(1, 64),
         "KV blocks (of any rows) computed in one loop step; more amortizes the per-step cost")
     contraction: str = tunable(
         "key_major_dot", CONTRACTIONS, one_of(*CONTRACTIONS),
@@ -45,7 +45,7 @@ class XlaBlockedConfig(KernelConfig):
         "against 13 ms for head_major_dot's query x keys^T on the issue's problem; "
         "block_diagonal_dot uses one dot over all heads (Hkv times the flops, no transpose)")
     num_kv_splits: int = tunable(
-        2, (1, 2, 4), POSITIVE_INT,
+        2, (1, 2, 4), int_in(1, 16),
         "independent parts of the work list, each its own loop with its own partials, "
         "merged at the end (parallel work for XLA's runtime)")
     slice_as_bits: bool = tunable(
