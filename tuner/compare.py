@@ -19,7 +19,7 @@ from typing import Any
 
 from attnbench.kernels.table import Entry, TableError, key_text, read_table
 
-from . import records as run_files
+from .results import records as run_files
 from .report import ReportError, config_text, is_run_folder, load_run
 
 Echo = Callable[[str], None]
@@ -248,4 +248,8 @@ def compare_paths(a: Path, b: Path, threshold: float, echo: Echo = print) -> Com
     comparison = compare(side_a, side_b, threshold)
     for line in render(comparison):
         echo(line)
+    # A gate that compared nothing must not pass: no shared key was timed on both sides.
+    if not comparison.rows and not comparison.failed_in_a and not comparison.failed_in_b:
+        raise CompareError(f"A ({side_a.path}) and B ({side_b.path}) share no key timed on "
+                           f"both sides: nothing was compared (same sweep file and device?)")
     return comparison

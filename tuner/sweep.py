@@ -108,8 +108,8 @@ class _Run:
                 if round_index > 0:
                     previous = {space.canonical([r["variant"], r["config"]]): r
                                 for r in self.done.values()
-                                if r["problem_id"] == space.problem_id(item.problem)
-                                and r["round"] == round_index - 1}
+                                if r.get("problem_id") == space.problem_id(item.problem)
+                                and r.get("round") == round_index - 1}
                     round_candidates = space.survivors(round_candidates, previous,
                                                        spec.search.keep)
                 repeats = space.round_repeats(spec.search, timing, round_index)
@@ -143,8 +143,8 @@ class _Run:
     def execute(self, plans: list[ProblemPlan]) -> None:
         # Later halving rounds join the total as they start (their size depends on results).
         total = sum(len(p.candidates) for p in plans)
-        done_round0 = sum(1 for r in self.done.values() if r["round"] == 0)
-        done_later = sum(1 for r in self.done.values() if r["round"] > 0)
+        done_round0 = sum(1 for r in self.done.values() if r.get("round", 0) == 0)
+        done_later = len(self.done) - done_round0
         progress = SweepProgress(total + done_later, done_round0 + done_later)
         try:
             for item in plans:
@@ -178,7 +178,8 @@ def finish(run_dir: Path, *, install_winners: bool, echo: Echo) -> list:
     write_table(run_dir / run_files.TABLE_FILE, run_table(entries, meta))
     counts: dict[str, int] = {}
     for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        status = str(record.get("status"))
+        counts[status] = counts.get(status, 0) + 1
     echo(f"{len(records)} measurements: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for entry in entries:
         echo(f"  {key_text(entry.key)}: {entry.variant} {space.canonical(entry.config)} "

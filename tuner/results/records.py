@@ -105,8 +105,9 @@ class MeasurementLog:
         self._file.close()
 
 
-# What every reader of a record relies on; a line without them is not a measurement.
-_REQUIRED_FIELDS = {"id": str, "status": str, "problem_id": str, "variant": str}
+# What every reader of a record relies on (resume keys on it); a line without it is not a
+# measurement. Other fields are read with defaults.
+_REQUIRED_FIELDS = {"id": str}
 
 
 def _record_problem(record: Any) -> str | None:
