@@ -133,10 +133,13 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
         for warning in [] if problems else sweep_file.sweep_warnings_in_file(path):
             typer.echo(f"{path}: warning: {warning}")
     else:
+        from attnbench.kernels import limited_files
         from attnbench.kernels.table import table_problems
 
         try:
-            problems = table_problems(json.loads(path.read_text()))
+            problems = table_problems(limited_files.parse_json(limited_files.read_text(path)))
+        except limited_files.FileLimitError as error:
+            problems = [f"(file): {error}"]
         except json.JSONDecodeError as error:
             problems = [f"(file): not valid JSON: {error}"]
     for problem in problems:

@@ -43,6 +43,33 @@ def check_int(name: str, array: Any, shape: tuple[int, ...], layout: str) -> Non
         raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(array.shape)}")
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def as_int32(name: str, array: Any) -> jax.Array:
+    """An index array (already checked to be integer) as int32, checked before the cast.
+
+    Casting wraps: 2**32 + 4 would silently become 4. A wider array whose values are on
+    the host (numpy, or a concrete array) is checked here, whatever `validate` says, since
+    the check costs nothing next to the copy to the device; a traced wider array cannot be
+    checked without a device round trip, so it is refused: pass int32.
+    """
+    dtype = np.dtype(array.dtype)
+    if dtype == np.int32 or dtype.itemsize < 4:  # every value fits
+        return jnp.asarray(array, jnp.int32)
+    if isinstance(array, jax.core.Tracer):
+        raise TypeError(f"{name} must be int32 under jit (values of {dtype.name} cannot be "
+                        f"checked for int32 overflow there), got dtype {dtype.name}")
+    values = np.asarray(array)
+    outside = np.flatnonzero((values.reshape(-1) < _INT32.min) | (values.reshape(-1) > _INT32.max))
+    if outside.size:
+        where = np.unravel_index(outside[0], values.shape) if values.ndim else ()
+        index = "".join(f"[{i}]" for i in where)
+        raise ValueError(f"{name}{index} = {values.reshape(-1)[outside[0]]} does not fit int32 "
+                         f"({outside.size} value(s) outside [{_INT32.min}, {_INT32.max}])")
+    return jnp.asarray(values.astype(np.int32))
+
+
 def window_left_of(sliding_window: Any) -> int | None:
     """int W -> W - 1; (left, right) -> left. None -> no window.
 

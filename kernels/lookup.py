@@ -52,15 +52,21 @@ def table_sources() -> list[tuple[str, Path]]:
     """The table sources in priority order, as (label, file or folder)."""
     sources = []
     if os.environ.get(TUNED_ENV):
-        sources.append((f"${TUNED_ENV}", Path(os.environ[TUNED_ENV])))
+        named = Path(os.environ[TUNED_ENV])
+        if not named.exists() and str(named) not in _warned_keys:
+            _warned_keys.add(str(named))
+            warnings.warn(f"attnbench: ${TUNED_ENV} names {named}, which does not exist; "
+                          "it is ignored", stacklevel=2)
+        sources.append((f"${TUNED_ENV}", named))
     sources.append(("user tuned folder", user_tuned_dir()))
     sources.append(("shipped tables", shipped_tuned_dir()))
     return sources
 
 
 def _files_of(path: Path) -> list[Path]:
+    """The table files of a source: regular files only (a FIFO named *.json would block)."""
     if path.is_dir():
-        return sorted(path.glob("*.json"))
+        return sorted(p for p in path.glob("*.json") if p.is_file())
     return [path] if path.is_file() else []
 
 
@@ -129,17 +135,18 @@ def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None
     for label, path in table_sources():
         for table in tables_in(path):
             for index, entry in _candidates(table, key, variant_name):
-                try:
-                    variant = registry.get_variant(shape.op, entry.variant)
-                except ValueError:
-                    continue  # a table from a newer attnbench, naming a variant we lack
+                where = f"{table.path} entries[{table.file_index(index)}]"
+                # Reading the table already refused unknown variants and bad tunables.
+                variant = registry.get_variant(shape.op, entry.variant)
                 if variant.unsupported_reason(shape, platform, interpret):
-                    continue
+                    continue  # e.g. a GPU entry on a CPU: expected, not worth a warning
                 try:
                     config = _config_from(variant, entry.config, shape)
-                except ValueError:
+                except ValueError as error:
+                    warnings.warn(f"attnbench: skipping tuned entry {where} for "
+                                  f"{key_text(key)}: {error}", stacklevel=7)
                     continue
-                source = f"{label}: {table.path} entries[{index}]"
+                source = f"{label}: {where}"
                 return Choice(variant, config, key, source, entry)
     return None
 

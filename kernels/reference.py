@@ -36,6 +36,8 @@ def masked_softmax_attention(
     denominator = jnp.sum(weights, axis=-1)
     if sinks is not None:
         denominator = denominator + jnp.exp(sinks - row_max)
+    # 0 * NaN is NaN: a masked key's value must be dropped, not just given weight 0.
+    values = jnp.where(valid[..., None], values, 0.0)
     numerator = jnp.einsum("...n,...nd->...d", weights, values)
     return divide_or_zero(numerator, denominator)
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from . import limited_files
 from .inputs import FEATURES, SUPPORTED_DTYPES
 from .schema import located_problems
 from .tunables import next_power_of_two
@@ -188,26 +190,50 @@ def _key_problems(key: dict[str, Any], where: str) -> list[str]:
     return problems
 
 
-def table_problems(data: Any) -> list[str]:
-    """Every schema problem of a parsed table, each prefixed with its location."""
+def _top_problems(data: Any) -> list[str]:
+    """Problems that make the whole table unusable (not those of one entry)."""
     if not isinstance(data, dict):
         return ["(top level): must be an object with schema_version, meta and entries"]
     try:
-        table = TableSchema.model_validate(data)
+        TableSchema.model_validate(data)
     except ValidationError as error:
         return located_problems(error)
-    problems = []
-    for index, entry in enumerate(table.entries):
-        where = f"entries[{index}]"
-        try:
-            checked = EntrySchema.model_validate(entry)
-        except ValidationError as error:
-            problems += located_problems(error, (where,))
-            continue
-        key_problems = _key_problems(checked.key, f"{where}.key")
-        problems += key_problems
-        if not key_problems and checked.key["op"] != checked.op:
-            problems.append(f"{where}.key.op: must equal {where}.op")
+    return []
+
+
+def entry_problems(entry: Any, where: str) -> list[str]:
+    """Why one entry cannot be used on any shape: its schema, its key, its variant (known,
+    of the entry's op) and its config (names and rules of that variant's tunables). What
+    is left depends on the call's shape and is checked at lookup."""
+    try:
+        checked = EntrySchema.model_validate(entry)
+    except ValidationError as error:
+        return located_problems(error, (where,))
+    problems = _key_problems(checked.key, f"{where}.key")
+    if problems:
+        return problems
+    if checked.key["op"] != checked.op:
+        return [f"{where}.key.op: must equal {where}.op"]
+    from .registry import get_variant
+
+    try:
+        variant = get_variant(checked.op, checked.variant)
+    except ValueError as error:
+        return [f"{where}.{error}"]
+    try:
+        variant.config_class.from_mapping(checked.config)
+    except (ValueError, TypeError) as error:
+        return [f"{where}.config: {str(error).removeprefix('config: ')}"]
+    return []
+
+
+def table_problems(data: Any) -> list[str]:
+    """Every schema problem of a parsed table, each prefixed with its location."""
+    problems = _top_problems(data)
+    if problems:
+        return problems
+    for index, entry in enumerate(data["entries"]):
+        problems += entry_problems(entry, f"entries[{index}]")
     return problems
 
 
@@ -234,6 +260,11 @@ class Table:
     path: str  # where it was read from ("" for one built in memory)
     meta: dict[str, Any]
     entries: tuple[Entry, ...]
+    # Where each entry stands in the file (skipped entries leave gaps), for messages.
+    file_indices: tuple[int, ...] = ()
+
+    def file_index(self, position: int) -> int:
+        return self.file_indices[position] if self.file_indices else position
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -248,25 +279,34 @@ class TableError(ValueError):
 
 
 def table_from_json(data: Any, path: str = "") -> Table:
-    problems = table_problems(data)
+    """A Table of the usable entries; each unusable one is skipped with a warning naming the
+    file and the entry (one bad entry must not cost the others). A TableError if the table
+    as a whole is unusable."""
+    problems = _top_problems(data)
     if problems:
         shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         raise TableError(f"{path or 'table'}: {shown}")
-    entries = tuple(
-        Entry(op=e["op"], variant=e["variant"], key=e["key"], config=e["config"],
-              time_us=e.get("time_us"), source=e.get("source", {}))
-        for e in data["entries"]
-    )
-    return Table(path=path, meta=data["meta"], entries=entries)
+    entries, indices = [], []
+    for index, e in enumerate(data["entries"]):
+        problems = entry_problems(e, f"entries[{index}]")
+        if problems:
+            warnings.warn(f"attnbench: {path or 'table'}: skipping {'; '.join(problems[:3])}",
+                          stacklevel=2)
+            continue
+        indices.append(index)
+        entries.append(Entry(op=e["op"], variant=e["variant"], key=e["key"], config=e["config"],
+                             time_us=e.get("time_us"), source=e.get("source", {})))
+    return Table(path=path, meta=data["meta"], entries=tuple(entries),
+                 file_indices=tuple(indices))
 
 
 def read_table(path: str | Path) -> Table:
     """Reads and checks a table file; a TableError names the file and what is wrong."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise TableError(f"{path}: cannot be read ({error})") from error
+        data = limited_files.parse_json(limited_files.read_text(path))
+    except limited_files.FileLimitError as error:
+        raise TableError(f"{path}: {error}") from None
     except json.JSONDecodeError as error:
-        raise TableError(f"{path}: is not valid JSON ({error})") from error
+        raise TableError(f"{path}: is not valid JSON ({error})") from None
     return table_from_json(data, str(path))

@@ -54,6 +54,12 @@ def one_of(*values: Any) -> Rule:
     return Rule(lambda v: v in values, f"one of {list(values)}")
 
 
+def int_in(low: int, high: int) -> Rule:
+    """An int in [low, high]: for tunables that unroll (cost grows with the value, so a
+    table entry must not be able to ask for thousands)."""
+    return Rule(lambda v: _is_int(v) and low <= v <= high, f"an int in [{low}, {high}]")
+
+
 def tunable(default: Any, choices: tuple, rule: Rule, doc: str = "") -> Any:
     """Declares a config field: its default, the values sweeps try, and its rule."""
     return dataclasses.field(

@@ -32,6 +32,7 @@ from .plan.sweep_file import SweepSpec, load_sweep
 from .progress import SweepProgress
 from .results import records as run_files
 from .results.install import install, run_table, write_table
+from .results.lock import RunFolderLock
 from .results.selection import select_winners
 
 Echo = Callable[[str], None]
@@ -107,8 +108,8 @@ class _Run:
                 if round_index > 0:
                     previous = {space.canonical([r["variant"], r["config"]]): r
                                 for r in self.done.values()
-                                if r["problem_id"] == space.problem_id(item.problem)
-                                and r["round"] == round_index - 1}
+                                if r.get("problem_id") == space.problem_id(item.problem)
+                                and r.get("round") == round_index - 1}
                     round_candidates = space.survivors(round_candidates, previous,
                                                        spec.search.keep)
                 repeats = space.round_repeats(spec.search, timing, round_index)
@@ -142,8 +143,8 @@ class _Run:
     def execute(self, plans: list[ProblemPlan]) -> None:
         # Later halving rounds join the total as they start (their size depends on results).
         total = sum(len(p.candidates) for p in plans)
-        done_round0 = sum(1 for r in self.done.values() if r["round"] == 0)
-        done_later = sum(1 for r in self.done.values() if r["round"] > 0)
+        done_round0 = sum(1 for r in self.done.values() if r.get("round", 0) == 0)
+        done_later = len(self.done) - done_round0
         progress = SweepProgress(total + done_later, done_round0 + done_later)
         try:
             for item in plans:
@@ -177,7 +178,8 @@ def finish(run_dir: Path, *, install_winners: bool, echo: Echo) -> list:
     write_table(run_dir / run_files.TABLE_FILE, run_table(entries, meta))
     counts: dict[str, int] = {}
     for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        status = str(record.get("status"))
+        counts[status] = counts.get(status, 0) + 1
     echo(f"{len(records)} measurements: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for entry in entries:
         echo(f"  {key_text(entry.key)}: {entry.variant} {space.canonical(entry.config)} "
@@ -221,10 +223,20 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
                          f"{kind!r} ({environment['device_kind_raw']})")
     run_id = f"{_now_tag()}-{kind}" + (f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "")
     run_dir = Path(out) if out is not None else Path("results") / "runs" / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SweepError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SweepError(f"{run_dir} already holds files; choose another --out, or continue "
                          f"that run with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunFolderLock(run_dir):
+        _start_in(run_dir, sweep_path, spec, environment, shard, run_id, install_winners, echo)
+    return run_dir
+
+
+def _start_in(run_dir: Path, sweep_path: Path, spec: SweepSpec, environment: dict[str, Any],
+              shard: tuple[int, int], run_id: str, install_winners: bool, echo: Echo) -> None:
+    kind = environment["device_kind"]
     shutil.copyfile(sweep_path, run_dir / run_files.SWEEP_COPY)
     run = {"run_id": run_id, "sweep_name": spec.name, "sweep_file": str(sweep_path),
            "sweep_sha256": spec.sha256, "device_kind": kind, "shard": list(shard),
@@ -238,7 +250,6 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
     echo(f"device {kind}; read bandwidth "
          f"{environment.get('read_bandwidth_bytes_per_s', 0) / 1e9:.1f} GB/s; run folder {run_dir}")
     _execute(run_dir, spec, run, environment, install_winners, echo)
-    return run_dir
 
 
 def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = print) -> Path:
@@ -246,6 +257,12 @@ def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = pr
     run_dir = Path(run_dir)
     if not (run_dir / run_files.RUN_FILE).exists():
         raise SweepError(f"{run_dir} is not a run folder (no {run_files.RUN_FILE})")
+    with RunFolderLock(run_dir):
+        _resume_in(run_dir, install_winners, echo)
+    return run_dir
+
+
+def _resume_in(run_dir: Path, install_winners: bool, echo: Echo) -> None:
     run = run_files.read_json(run_dir / run_files.RUN_FILE)
     environment = run_files.read_json(run_dir / run_files.ENVIRONMENT_FILE)
     spec = load_sweep(run_dir / run_files.SWEEP_COPY)
@@ -259,7 +276,6 @@ def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = pr
                          f"{here['device_kind']!r}")
     echo(f"resuming {run['run_id']} in {run_dir}")
     _execute(run_dir, spec, run, environment, install_winners, echo)
-    return run_dir
 
 
 def _execute(run_dir: Path, spec: SweepSpec, run: dict[str, Any], environment: dict[str, Any],
@@ -299,9 +315,17 @@ def merge_runs(run_dirs: list[Path], *, out: Path | None = None, install_winners
                                  f"from {run_dirs[0]}'s {first[field]!r}")
     run_id = f"{_now_tag()}-{first['device_kind']}-merged"
     out = Path(out) if out is not None else Path("results") / "runs" / run_id
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SweepError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with RunFolderLock(out):
+        _merge_into(out, run_dirs, runs, run_id, install_winners, echo)
+    return out
+
+
+def _merge_into(out: Path, run_dirs: list[Path], runs: list[dict[str, Any]], run_id: str,
+                install_winners: bool, echo: Echo) -> None:
+    first = runs[0]
     shutil.copyfile(Path(run_dirs[0]) / run_files.SWEEP_COPY, out / run_files.SWEEP_COPY)
     environment = run_files.read_json(Path(run_dirs[0]) / run_files.ENVIRONMENT_FILE)
     run_files.write_json_atomic(out / run_files.ENVIRONMENT_FILE, environment)
@@ -319,4 +343,3 @@ def merge_runs(run_dirs: list[Path], *, out: Path | None = None, install_winners
     log.close()
     echo(f"merged {len(seen)} measurements from {len(run_dirs)} runs")
     finish(out, install_winners=install_winners, echo=echo)
-    return out

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..inputs import (check_float, check_heads, check_int, check_rank, dtype_name,
+from ..inputs import (as_int32, check_float, check_heads, check_int, check_rank, dtype_name,
                       features_used, sinks_per_head, static_scalar, window_left_of)
 
 
@@ -95,8 +95,8 @@ def prepare(
     scale = static_scalar("softmax_scale", softmax_scale, head_dim**-0.5)
     args = DecodeArgs(
         query=query, key=key, value=value,
-        sequence_start=jnp.asarray(sequence_start, jnp.int32),
-        sequence_end=jnp.asarray(sequence_end, jnp.int32),
+        sequence_start=as_int32("sequence_start", sequence_start),
+        sequence_end=as_int32("sequence_end", sequence_end),
         softmax_scale=scale, window_left=window_left, logits_soft_cap=soft_cap,
         sinks=sinks_per_head(sinks, q_heads),
     )

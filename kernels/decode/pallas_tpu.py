@@ -104,8 +104,7 @@ def heuristic(shape: DecodeShape) -> PallasTpuDecodeConfig:
 
 
 def _decode_kernel(lo_ref, hi_ref, query_ref, key_ref, value_ref, *rest, kv_block_size: int,
-                   softmax_scale: float, soft_cap: float | None, has_sinks: bool,
-                   mask_past_cache: bool):
+                   softmax_scale: float, soft_cap: float | None, has_sinks: bool):
     if has_sinks:
         sinks_ref, _poisoned, out_ref, m_ref, l_ref, acc_ref = rest
     else:
@@ -129,11 +128,10 @@ def _decode_kernel(lo_ref, hi_ref, query_ref, key_ref, value_ref, *rest, kv_bloc
         position = block_start + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
         valid = (position >= lo) & (position < hi)
         values = value_ref[...]
-        if mask_past_cache:
-            # The last block runs past S; its tail is padding that may hold NaN, and
-            # 0 * NaN would leak into P @ V.
-            rows = block_start + jax.lax.broadcasted_iota(jnp.int32, (values.shape[0], 1), 0)
-            values = jnp.where(rows < hi, values, jnp.zeros_like(values))
+        # Positions outside [lo, hi) (and the padding past S) may hold NaN, and
+        # 0 * NaN would leak into P @ V.
+        rows = block_start + jax.lax.broadcasted_iota(jnp.int32, (values.shape[0], 1), 0)
+        values = jnp.where((rows >= lo) & (rows < hi), values, jnp.zeros_like(values))
         online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref)
 
     @pl.when(kv_block == pl.num_programs(3) - 1)
@@ -196,8 +194,7 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
 
     kernel = functools.partial(
         _decode_kernel, kv_block_size=kv_rows, softmax_scale=args.softmax_scale,
-        soft_cap=args.logits_soft_cap, has_sinks=args.sinks is not None,
-        mask_past_cache=max_len % kv_rows != 0)
+        soft_cap=args.logits_soft_cap, has_sinks=args.sinks is not None)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(batch, kv_heads, group // heads, num_kv_blocks),

@@ -20,7 +20,8 @@ from .. import softmax
 from .inputs import DecodeArgs, DecodeShape
 from ..softmax import soft_cap
 from ..tunables import (
-    BOOL, POSITIVE_INT, POWER_OF_TWO, KernelConfig, cdiv, next_power_of_two, one_of, tunable,
+    BOOL, POWER_OF_TWO, KernelConfig, cdiv, int_in, next_power_of_two, one_of,
+    tunable,
 )
 from ..variant import Variant
 
@@ -35,7 +36,7 @@ class XlaBlockedConfig(KernelConfig):
         1024, (64, 128, 256, 512, 1024, 2048), POWER_OF_TWO,
         "cache positions per KV block (the unit of skipping and of partial softmax)")
     blocks_per_step: int = tunable(
-        1, (1, 2, 4, 8), POSITIVE_INT,
+        1, (1, 2, 4, 8), int_in(1, 64),
         "KV blocks (of any rows) computed in one loop step; more amortizes the per-step cost")
     contraction: str = tunable(
         "key_major_dot", CONTRACTIONS, one_of(*CONTRACTIONS),
@@ -47,7 +48,7 @@ class XlaBlockedConfig(KernelConfig):
         "decode benchmark (bfloat16 cache); "
         "block_diagonal_dot uses one dot over all heads (Hkv times the flops, no transpose)")
     num_kv_splits: int = tunable(
-        2, (1, 2, 4), POSITIVE_INT,
+        2, (1, 2, 4), int_in(1, 16),
         "independent parts of the work list, each its own loop with its own partials, "
         "merged at the end (parallel work for XLA's runtime)")
     slice_as_bits: bool = tunable(
@@ -147,6 +148,8 @@ def _block_partial(query, keys, values, valid, args, contraction) -> softmax.Par
     head_major = contraction in _HEAD_MAJOR
     scores = _scores(query, keys, contraction) * args.softmax_scale
     scores = soft_cap(scores, args.logits_soft_cap)
+    # 0 * NaN is NaN: garbage in a masked value slot must be dropped, not just weighted 0.
+    values = jnp.where(valid[:, None] if head_major else valid[:, None, None], values, 0)
     return softmax.block(scores, valid if head_major else valid[:, None, None],
                          lambda weights: _weighted_values(weights, values, contraction),
                          axis=-1 if head_major else 0)  # the position axis of the scores

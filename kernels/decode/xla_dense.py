@@ -85,6 +85,10 @@ def decode_attention_dense(args: DecodeArgs, config: XlaDenseConfig, *,
         low = jnp.maximum(low, end - 1 - args.window_left)
     position = jnp.arange(max_len)[None, :]
     valid = ((position >= low) & (position < end))[:, None, None, :]  # [B, 1, 1, S]
+    # 0 * NaN is NaN: garbage in a masked value slot must be dropped, not just weighted 0.
+    head_major = config.contraction == "head_major_dot"  # value [B, Hkv, S, D], else [B, S, Hkv, D]
+    value = jnp.where(valid[:, 0, :, :, None] if head_major else valid[:, 0, 0, :, None, None],
+                      value, 0)
 
     def weighted_values(weights):
         if config.weight_dtype == "cache":

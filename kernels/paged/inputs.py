@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..tunables import cdiv
-from ..inputs import (check_float, check_heads, check_int, check_rank, dtype_name,
+from ..inputs import (as_int32, check_float, check_heads, check_int, check_rank, dtype_name,
                       features_used, sinks_per_head, static_scalar, window_left_of)
 
 
@@ -87,6 +87,8 @@ def prepare(
     check_int("context_lens", context_lens, (max_seqs,), "int32 [max_seqs]")
     check_int("query_start_loc", query_start_loc, (max_seqs + 1,), "int32 [max_seqs + 1]")
     if isinstance(num_seqs, (int, np.integer)) and not isinstance(num_seqs, bool):
+        if not -2**31 <= num_seqs < 2**31:
+            raise ValueError(f"num_seqs = {num_seqs} does not fit int32")
         num_seqs = jnp.asarray(num_seqs, jnp.int32)
     if not hasattr(num_seqs, "shape") or tuple(num_seqs.shape) not in ((), (1,)):
         raise ValueError(
@@ -100,10 +102,10 @@ def prepare(
     scale = static_scalar("softmax_scale", softmax_scale, head_dim**-0.5)
     args = PagedArgs(
         queries=queries, kv_pages=kv_pages,
-        context_lens=jnp.asarray(context_lens, jnp.int32),
-        page_table=jnp.asarray(page_table, jnp.int32),
-        query_start_loc=jnp.asarray(query_start_loc, jnp.int32),
-        num_seqs=jnp.asarray(num_seqs, jnp.int32).reshape(()),
+        context_lens=as_int32("context_lens", context_lens),
+        page_table=as_int32("page_table", page_table),
+        query_start_loc=as_int32("query_start_loc", query_start_loc),
+        num_seqs=as_int32("num_seqs", num_seqs).reshape(()),
         softmax_scale=scale, window_left=window_left, logits_soft_cap=soft_cap,
         sinks=sinks_per_head(sinks, q_heads),
     )

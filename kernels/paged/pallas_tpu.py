@@ -216,6 +216,11 @@ def _paged_kernel(work_ref, table_ref, query_ref, *refs, pages_per_block: int,
                  & (key <= position) & (key < field(KEY_HI)))
         if window_left is not None:
             valid = valid & (key >= position - window_left)
+        # Slots no row of this item may read (unused, unowned, past the context) may hold
+        # NaN, and 0 * NaN would leak into P @ V.
+        slot = kv_block * kv_rows + jax.lax.broadcasted_iota(jnp.int32, (kv_rows, 1), 0)
+        values = jnp.where((slot >= field(KEY_LO)) & (slot < field(KEY_HI)), values,
+                           jnp.zeros_like(values))
         online_softmax_step(scores, valid, values, m_ref, l_ref, acc_ref)
 
     @pl.when((field(LAST_OF_BLOCK) != 0) & (kv_block == pl.num_programs(2) - 1))

@@ -179,6 +179,9 @@ def block_softmax(scores: jax.Array, valid: jax.Array, values: jax.Array) -> sof
     """The softmax state of one KV block: scores f32 [..., R, N], valid bool, values
     [..., N, D]."""
 
+    # 0 * NaN is NaN: a value no row of the block may read is dropped, not just weighted 0.
+    values = jnp.where(jnp.any(valid, axis=-2)[..., None], values, 0)
+
     def weighted_values(weights):
         # Weights stay float32 (values are widened): on XLA:CPU this costs no time and keeps
         # the error ~100x below rounding the weights to a 16-bit cache dtype.

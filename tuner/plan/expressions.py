@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ _COMPARE = {
 _FUNCTIONS = {"min": min, "max": max}
 # `2 ** 10 ** 10` would take the process down; exponents this large never describe hardware.
 _MAX_EXPONENT = 256
+_MAX_MAGNITUDE = 2**63
 
 
 class ExpressionError(ValueError):
@@ -78,6 +80,31 @@ def _check(node: ast.AST) -> None:
         raise ExpressionError(f"{type(node).__name__} is not allowed in an expression")
 
 
+def _number(value: Any, op: ast.AST) -> Any:
+    """Arithmetic only on numbers: `contraction * 10**12` must not build a huge string."""
+    if not isinstance(value, (bool, int, float)):
+        raise ExpressionError(f"{type(op).__name__} needs numbers, got {value!r}")
+    return value
+
+
+def _bounded(value: Any) -> Any:
+    """Every intermediate stays within what hardware sizes need: big integers cost time
+    and memory without bound ((9**256)**256 has 62,000 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_MAGNITUDE:
+        raise ExpressionError(f"a value beyond 2**{_MAX_MAGNITUDE.bit_length() - 1} in between")
+    if isinstance(value, float) and not abs(value) <= float(_MAX_MAGNITUDE):
+        raise ExpressionError("a value beyond 2**63 (or not a number) in between")
+    return value
+
+
+def _check_power(base: Any, exponent: Any) -> None:
+    if abs(exponent) > _MAX_EXPONENT:
+        raise ExpressionError(f"exponent {exponent} is too large (at most {_MAX_EXPONENT})")
+    # Refused before computing: the result alone could take minutes.
+    if exponent > 0 and abs(base) > 1 and exponent * math.log2(abs(base)) > 64:
+        raise ExpressionError(f"{base} ** {exponent} is beyond 2**64")
+
+
 def _evaluate(node: ast.AST, names: Mapping[str, Any]) -> Any:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, names)
@@ -88,15 +115,19 @@ def _evaluate(node: ast.AST, names: Mapping[str, Any]) -> Any:
             raise ExpressionError(f"unknown name {node.id!r}")
         return names[node.id]
     if isinstance(node, ast.BinOp):
-        left, right = _evaluate(node.left, names), _evaluate(node.right, names)
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-            raise ExpressionError(f"exponent {right} is too large (at most {_MAX_EXPONENT})")
+        left = _number(_evaluate(node.left, names), node.op)
+        right = _number(_evaluate(node.right, names), node.op)
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
         try:
-            return _BINARY[type(node.op)](left, right)
+            return _bounded(_BINARY[type(node.op)](left, right))
         except (ZeroDivisionError, TypeError, OverflowError) as error:
             raise ExpressionError(str(error)) from error
     if isinstance(node, ast.UnaryOp):
-        return _UNARY[type(node.op)](_evaluate(node.operand, names))
+        operand = _evaluate(node.operand, names)
+        if not isinstance(node.op, ast.Not):
+            operand = _number(operand, node.op)
+        return _UNARY[type(node.op)](operand)
     if isinstance(node, ast.BoolOp):
         if isinstance(node.op, ast.And):
             return all(_evaluate(value, names) for value in node.values)

@@ -54,6 +54,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel
 
+from attnbench.kernels import limited_files
+
 from attnbench.kernels import registry
 from attnbench.kernels.schema import located_problems
 from attnbench.kernels.variant import Variant
@@ -187,6 +189,13 @@ def _problems_of(op: str, entries: Any, where: str, problems: list[str]) -> list
         # `sliding_window: null` / `logits_soft_cap: null` turn a preset's feature off.
         axes.update({name: [None] for name in ("sliding_window", "logits_soft_cap")
                      if name in entry and entry[name] is None})
+        crossed = 1
+        for values in axes.values():
+            crossed *= max(len(values), 1) if isinstance(values, (list, tuple)) else 1
+        if crossed + len(built) > MAX_PROBLEMS:
+            problems.append(f"{at}: its lists cross into {crossed} problems; a sweep file may "
+                            f"hold at most {MAX_PROBLEMS} (split it, or shorten the lists)")
+            continue
         for combination in itertools.product(*axes.values()):
             problem = _build_problem(op, dict(zip(axes, combination)), at, problems)
             if problem is not None:
@@ -366,15 +375,27 @@ def _parse(data: Any, path: str, sha256: str) -> tuple[SweepSpec | None, list[st
     return spec, [], warnings
 
 
+# Each problem costs a worker process and every candidate's measurement.
+MAX_PROBLEMS = 4096
+# A sweep file is a page of YAML; more is a mistake (or an attack on the parser).
+MAX_SWEEP_FILE_BYTES = 256 << 10
+
+
 def _read(path: str | Path) -> tuple[Any, str, list[str]]:
     path = Path(path)
     try:
-        text = path.read_bytes()
-    except OSError as error:
-        return None, "", [f"(file): cannot be read ({error})"]
-    sha256 = hashlib.sha256(text).hexdigest()
+        text = limited_files.read_text(path, MAX_SWEEP_FILE_BYTES)
+    except limited_files.FileLimitError as error:
+        return None, "", [f"(file): {error}"]
+    sha256 = hashlib.sha256(text.encode()).hexdigest()
     try:
-        return yaml.safe_load(text), sha256, []
+        data = yaml.safe_load(text)
+        limited_files.check_shape(data)
+        return data, sha256, []
+    except limited_files.FileLimitError as error:
+        return None, sha256, [f"(file): {error}"]
+    except RecursionError:
+        return None, sha256, [f"(file): is nested more than {limited_files.MAX_DEPTH} levels deep"]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"(line {mark.line + 1}, column {mark.column + 1})" if mark else "(file)"

@@ -311,4 +311,8 @@ def compare_paths(a: Path, b: Path, threshold: float, echo: Echo = print) -> Com
     terminal = sys.stdout.isatty()
     echo(render(comparison, terminal=terminal,
                 width=shutil.get_terminal_size().columns if terminal else None))
+    # A gate that compared nothing must not pass: no shared key was timed on both sides.
+    if not comparison.rows and not comparison.failed_in_a and not comparison.failed_in_b:
+        raise CompareError(f"A ({side_a.path}) and B ({side_b.path}) share no key timed on "
+                           f"both sides: nothing was compared (same sweep file and device?)")
     return comparison

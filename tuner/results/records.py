@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -104,22 +105,50 @@ class MeasurementLog:
         self._file.close()
 
 
+# What every reader of a record relies on (resume keys on it); a line without it is not a
+# measurement. Other fields are read with defaults.
+_REQUIRED_FIELDS = {"id": str}
+
+
+def _record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for field, kind in _REQUIRED_FIELDS.items():
+        if not isinstance(record.get(field), kind):
+            return f"no {kind.__name__} field {field!r}"
+    return None
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a log; a damaged line (only ever the last, after a crash) is skipped."""
-    records = []
+    """The records of a log, each id once (the first written wins).
+
+    A half-written line (only ever the last, after a crash) is skipped quietly; any other
+    line that is not a record is skipped with a warning naming it. A second record of an
+    id (two processes that measured the same thing) is merged away, never counted twice.
+    """
+    records: dict[str, dict[str, Any]] = {}
     path = Path(path)
     if not path.exists():
-        return records
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+        return []
+    with open(path, encoding="utf-8", errors="replace") as file:
+        lines = file.readlines()
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # ValueError: JSON syntax, or huge integers
+            if number < len(lines):
+                warnings.warn(f"{path}:{number}: not a JSON line; skipped", stacklevel=2)
+            continue
+        problem = _record_problem(record)
+        if problem is not None:
+            warnings.warn(f"{path}:{number}: not a measurement record ({problem}); skipped",
+                          stacklevel=2)
+            continue
+        records.setdefault(record["id"], record)
+    return list(records.values())
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
