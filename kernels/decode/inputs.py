@@ -12,7 +12,6 @@ import dataclasses
 from typing import ClassVar, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..inputs import (as_int32, check_float, check_heads, check_int, check_rank, dtype_name,
