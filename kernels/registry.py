@@ -10,15 +10,16 @@ stays cheap on any install.
 
 from __future__ import annotations
 
-from . import reference
 from .decode import operator as decode_operator
 from .decode import pallas_tpu as decode_pallas_tpu
+from .decode import reference as decode_reference
 from .decode import triton_splitkv as decode_triton_splitkv
 from .decode import xla_blocked as decode_xla_blocked
 from .decode import xla_dense as decode_xla_dense
 from .operator import Operator
 from .paged import operator as paged_operator
 from .paged import pallas_tpu as paged_pallas_tpu
+from .paged import reference as paged_reference
 from .paged import triton_paged as paged_triton
 from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
@@ -30,8 +31,8 @@ OPERATORS: tuple[Operator, ...] = (
 )
 
 VARIANTS: tuple[Variant, ...] = (
-    reference.DECODE_VARIANT,
-    reference.PAGED_VARIANT,
+    decode_reference.VARIANT,
+    paged_reference.VARIANT,
     decode_xla_blocked.VARIANT,
     decode_xla_dense.VARIANT,
     decode_pallas_tpu.VARIANT,

@@ -10,7 +10,6 @@ import functools
 import json
 import importlib.util
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ import pytest
 
 from attnbench.kernels import lookup, registry
 from attnbench.kernels import DecodeShape
-from attnbench.kernels.reference import decode_attention_reference
+from attnbench.kernels.decode.reference import decode_attention_reference
 from attnbench.kernels.table import SCHEMA_VERSION, bucket, make_key
 from attnbench.kernels.tunables import POWER_OF_TWO, KernelConfig, tunable
 from attnbench.kernels.variant import UnsupportedError, Variant

@@ -7,8 +7,8 @@ import pytest
 
 import oracle
 from attnbench import kernels
-from attnbench.kernels.reference import (decode_attention_reference,
-                                         ragged_paged_attention_reference)
+from attnbench.kernels.decode.reference import decode_attention_reference
+from attnbench.kernels.paged.reference import ragged_paged_attention_reference
 from attnbench.kernels.paged.problem import PagedProblem
 from attnbench.kernels.decode import inputs as decode_inputs
 from attnbench.kernels.paged import inputs as paged_inputs

@@ -14,7 +14,7 @@ import time
 
 import jax.numpy as jnp
 
-from attnbench.kernels.reference import decode_attention_reference
+from attnbench.kernels.decode.reference import decode_attention_reference
 from attnbench.kernels.tunables import POSITIVE_INT, KernelConfig, one_of, tunable
 from attnbench.kernels.variant import Variant
 
