@@ -29,7 +29,7 @@ sigma_v is the values' rms. A correct kernel differs from the reference only by 
 u is the dtype's unit roundoff (2**-9 bfloat16, 2**-11 float16, 2**-24 float32). Their sum is
 the expected error of a correct kernel; the bound is SAFETY times it, for the worst of
 thousands of (row, head) pairs (the ratio rms(ref) / (sigma_v ||p||_2) itself fluctuates by
-~10% at D = 64). That gives 1.2e-2 for bfloat16, 3.1e-3 for float16, 2.5e-4 for float32.
+~10% at D = 64). That gives 1.3e-2 for bfloat16, 3.3e-3 for float16, 2.4e-4 for float32.
 
 NaN or Inf anywhere fails. Rows the contract requires to be zero (padding) must be exactly 0.
 """
