@@ -53,6 +53,12 @@ class Operator(abc.ABC):
         when the operator has no such rows."""
         return None
 
+    def key_ranges(self, args: tuple, kwargs: dict[str, Any]) -> np.ndarray | None:
+        """Each output row's valid key positions as int [rows, 2] (first, end), for
+        concrete inputs as the public function takes them; None when unknown. A verdict
+        uses them to say where a wrong row looks."""
+        return None
+
     @property
     def reference(self):
         """The float32 oracle variant of this operator."""

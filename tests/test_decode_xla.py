@@ -15,7 +15,7 @@ from attnbench.kernels import registry
 from attnbench.kernels.decode.xla_blocked import XlaBlockedConfig
 from attnbench.kernels import DecodeShape
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.measure.accuracy import compare
+from attnbench.tuner.measure.accuracy import judge
 from attnbench.kernels.decode.problem import DecodeProblem
 from attnbench.kernels.decode import inputs as decode_inputs
 
@@ -187,7 +187,7 @@ def test_out_of_range_lengths_do_not_crash(variant):
     good_start = jnp.asarray([0, 290, 5], jnp.int32)
     reference = kernels.decode_attention(*args[:3], good_start, good_end, variant="reference",
                                          sliding_window=30)
-    assert compare(out[1], reference[1], "float32").ok
+    assert judge(out[1], reference[1], "float32").ok
 
 
 def test_invalid_configs_raise_clear_errors():

@@ -17,7 +17,7 @@ from attnbench.kernels import gpu_limits
 from attnbench.kernels.paged import triton_paged
 from attnbench.kernels.paged.triton_paged import TritonPagedConfig, heuristic
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.measure.accuracy import compare
+from attnbench.tuner.measure.accuracy import judge
 from attnbench.kernels.paged.problem import PagedProblem
 from attnbench.kernels.paged import inputs as paged_inputs
 from attnbench.kernels import PagedShape
@@ -154,7 +154,7 @@ def test_out_of_range_indices_leave_other_rows_right(kv_splits):
     good = np.zeros(out.shape[0], bool)
     good[starts[0]:starts[1]] = True  # sequence 0 is untouched
     good[starts[num_seqs]:] = True  # padding rows stay zero
-    accuracy = compare(out[good], reference[good], "float32")
+    accuracy = judge(out[good], reference[good], "float32")
     assert accuracy.ok, accuracy.reason
     assert not np.any(out[starts[num_seqs]:])
 

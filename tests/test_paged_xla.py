@@ -15,7 +15,7 @@ from attnbench.kernels import registry
 from attnbench.kernels import PagedShape
 from attnbench.kernels.paged.inputs import prepare as prepare_paged
 from attnbench.kernels.tunables import sample_configs
-from attnbench.tuner.measure.accuracy import compare
+from attnbench.tuner.measure.accuracy import judge
 from attnbench.kernels.paged.problem import PagedProblem
 from checks import run_and_compare
 
@@ -206,7 +206,7 @@ def test_out_of_range_values_stay_in_bounds(variant):
             out = np.asarray(run(*bad_args), np.float32)
             assert np.all(np.isfinite(out)), name
             for i in good_seqs:
-                accuracy = compare(out[rows_of(i)], clean[rows_of(i)], problem.dtype)
+                accuracy = judge(out[rows_of(i)], clean[rows_of(i)], problem.dtype)
                 assert accuracy.ok, f"{variant} {name}: sequence {i}: {accuracy.reason}"
             assert not np.any(out[int(starts[4]):]), f"{name}: padding rows are not zero"
         # num_seqs and query_start_loc far out of range: no crash, finite.

@@ -90,6 +90,16 @@ class DecodeOperator(Operator):
                            q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                            features=features)
 
+    def key_ranges(self, args, kwargs):
+        key, start, end = args[1], args[3], args[4]
+        max_len = key.shape[1]
+        end = np.clip(np.asarray(end), 0, max_len)
+        low = np.clip(np.asarray(start), 0, max_len)
+        window_left = window_left_of(kwargs.get("sliding_window"))
+        if window_left is not None:
+            low = np.maximum(low, end - 1 - window_left)
+        return np.stack([low, np.maximum(low, end)], axis=1)
+
     def _valid_rows(self, args, kwargs) -> int:
         query, key, _, start, end = args[:5]
         max_len = key.shape[1]

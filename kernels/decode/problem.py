@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..random_inputs import (abstract_feature_kwargs, draw_lengths, feature_kwargs, features_of,
-                             normal)
+from ..inputs import window_left_of
+from ..probes import ProbedRow, draw_sinks, head_temperatures, plant
+from ..random_inputs import abstract_feature_kwargs, draw_lengths, feature_kwargs, features_of
 from ..schema import Boolean, PositiveInt
 from .inputs import DecodeShape
 
@@ -50,15 +51,34 @@ class DecodeProblem:
         if self.random_start:
             start = (rng.random(self.batch) * end).astype(np.int32)
         cache = (self.batch, self.max_len, self.kv_heads, self.head_dim)
-        args = (
-            normal(rng, (self.batch, self.q_heads, self.head_dim), self.dtype),
-            normal(rng, cache, self.dtype),
-            normal(rng, cache, self.dtype),
-            jnp.asarray(start, jnp.int32),
-            jnp.asarray(end, jnp.int32),
-        )
+        query = rng.standard_normal((self.batch, self.q_heads, self.head_dim), np.float32)
+        key = rng.standard_normal(cache, np.float32)
+        value = rng.standard_normal(cache, np.float32)
         kwargs = feature_kwargs(rng, self.q_heads, self.sliding_window, self.logits_soft_cap,
                                 self.sinks)
+        query *= head_temperatures(rng, self.q_heads)[None, :, None]
+        window_left = window_left_of(self.sliding_window)
+        rows = []
+        for b in range(self.batch):
+            low = int(start[b]) if window_left is None else max(int(start[b]),
+                                                                int(end[b]) - 1 - window_left)
+            rows.append([ProbedRow(query[b], low, int(end[b]) - 1, self.max_len)]
+                        if end[b] > low else [])
+
+        def write_keys(b, g, positions, keys):
+            key[b, positions, g] = keys
+
+        log_totals = plant(rng, rows, lambda b, g: key[b, :, g], write_keys,
+                           kv_heads=self.kv_heads, softmax_scale=self.head_dim**-0.5,
+                           soft_cap=self.logits_soft_cap)
+        if self.sinks:
+            kwargs["sinks"] = jnp.asarray(draw_sinks(rng, log_totals, self.q_heads,
+                                                     self.kv_heads))
+        args = (
+            jnp.asarray(query, self.dtype), jnp.asarray(key, self.dtype),
+            jnp.asarray(value, self.dtype),
+            jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32),
+        )
         return args, kwargs
 
     def shape(self, seed: int = 0) -> DecodeShape:

@@ -76,6 +76,21 @@ class PagedOperator(Operator):
         real_rows = int(np.asarray(args[4])[int(np.asarray(args[5]).reshape(()))])
         return np.arange(num_tokens) >= real_rows
 
+    def key_ranges(self, args, kwargs):
+        num_tokens = args[0].shape[0]
+        contexts = np.asarray(args[2])
+        starts = np.asarray(args[4])
+        active = int(np.asarray(args[5]).reshape(()))
+        window_left = window_left_of(kwargs.get("sliding_window"))
+        ranges = np.zeros((num_tokens, 2), np.int64)
+        for i in range(active):
+            rows = np.arange(starts[i], min(starts[i + 1], num_tokens))
+            position = contexts[i] - (starts[i + 1] - starts[i]) + (rows - starts[i])
+            low = np.zeros_like(position) if window_left is None else np.maximum(
+                position - window_left, 0)
+            ranges[rows] = np.stack([low, position + 1], axis=1)
+        return ranges
+
     def key_fields(self, shape):
         return {"page_size": shape.page_size}
 

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..random_inputs import (abstract_feature_kwargs, draw_lengths, feature_kwargs, features_of,
-                             normal)
+from ..inputs import window_left_of
+from ..probes import ProbedRow, draw_sinks, head_temperatures, plant
+from ..random_inputs import abstract_feature_kwargs, draw_lengths, feature_kwargs, features_of
 from ..tunables import cdiv
 from ..schema import Fraction, NonNegativeInt, PositiveInt
 from .inputs import PagedShape
@@ -73,17 +74,56 @@ class PagedProblem:
         """(positional args, keyword args) for ragged_paged_attention, drawn from `seed`."""
         rng = np.random.default_rng(seed)
         context_lens, page_table, query_start_loc, num_pages = self._layout(rng)
+        queries = rng.standard_normal((self.num_tokens, self.q_heads, self.head_dim), np.float32)
+        kv_pages = rng.standard_normal(
+            (num_pages, self.page_size, 2 * self.kv_heads, self.head_dim), np.float32)
+        kwargs = feature_kwargs(rng, self.q_heads, self.sliding_window, self.logits_soft_cap,
+                                self.sinks)
+        queries *= head_temperatures(rng, self.q_heads)[None, :, None]
+        log_totals = self._plant_probes(rng, queries, kv_pages, context_lens, page_table,
+                                        query_start_loc)
+        if self.sinks:
+            kwargs["sinks"] = jnp.asarray(draw_sinks(rng, log_totals, self.q_heads,
+                                                     self.kv_heads))
         args = (
-            normal(rng, (self.num_tokens, self.q_heads, self.head_dim), self.dtype),
-            normal(rng, (num_pages, self.page_size, 2 * self.kv_heads, self.head_dim), self.dtype),
+            jnp.asarray(queries, self.dtype),
+            jnp.asarray(kv_pages, self.dtype),
             jnp.asarray(context_lens),
             jnp.asarray(page_table),
             jnp.asarray(query_start_loc),
             jnp.asarray(self.num_seqs, jnp.int32),
         )
-        kwargs = feature_kwargs(rng, self.q_heads, self.sliding_window, self.logits_soft_cap,
-                                self.sinks)
         return args, kwargs
+
+    def _plant_probes(self, rng, queries, kv_pages, context_lens, page_table, query_start_loc):
+        """Probe keys (kernels/probes.py) for every decode row and for the first, middle and
+        last row of every prefill chunk, written into the sequences' own pages."""
+        window_left = window_left_of(self.sliding_window)
+        size = self.page_size
+        rows = []
+        for i in range(self.num_seqs):
+            context = int(context_lens[i])
+            first_row, end_row = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            q_len = end_row - first_row
+            owned_end = int(cdiv(context, size)) * size
+            probed = []
+            for r in sorted({0, q_len // 2, q_len - 1}):
+                position = context - q_len + r
+                low = 0 if window_left is None else max(0, position - window_left)
+                probed.append(ProbedRow(queries[first_row + r], low, position, owned_end))
+            rows.append(probed)
+
+        def read_keys(i, g):
+            pages = page_table[i, : cdiv(int(context_lens[i]), size)]
+            return kv_pages[pages, :, 2 * g].reshape(-1, self.head_dim)
+
+        def write_keys(i, g, positions, keys):
+            positions = np.asarray(positions)
+            kv_pages[page_table[i, positions // size], positions % size, 2 * g] = keys
+
+        return plant(rng, rows, read_keys, write_keys, kv_heads=self.kv_heads,
+                     softmax_scale=self.head_dim**-0.5, soft_cap=self.logits_soft_cap,
+                     page_size=size)
 
     def shape(self, seed: int = 0) -> PagedShape:
         """The shape descriptor of `make_inputs(seed)` (num_pages depends on the seed)."""

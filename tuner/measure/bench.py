@@ -17,7 +17,7 @@ from attnbench.kernels.platform import current_platform
 from attnbench.kernels.tunables import KernelConfig, sample_configs
 
 from . import roofline
-from .accuracy import compare
+from .accuracy import judge
 from .input_sets import rotated_input_sets
 from ..plan.sweep_file import problem_from_entry
 from .timing import Timing, time_call
@@ -84,6 +84,8 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     moved = roofline.bytes_moved(op, args, kwargs)
     floor = roofline.floor_us(moved, roofline.read_bandwidth())
     reference = compile_call(op, "reference", None, args, kwargs)(*args)
+    operator = registry.get_operator(op)
+    zero_rows, key_ranges = operator.zero_rows(args), operator.key_ranges(args, kwargs)
     input_sets = [args]
     if moved < 4 * roofline.last_level_cache_bytes():
         # Same shapes as `args` (another seed's paged inputs have another page count, which
@@ -101,7 +103,8 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         for config in configs:
             try:
                 compiled = compile_call(op, variant.name, config, args, kwargs)
-                accuracy = compare(compiled(*args), reference, problem.dtype)
+                accuracy = judge(compiled(*args), reference, problem.dtype,
+                                 zero_rows=zero_rows, key_ranges=key_ranges)
             except Exception as error:  # noqa: BLE001 -- a failing config is a result
                 yield BenchRow(variant.name, config.to_dict(), None, float("inf"),
                                f"error: {type(error).__name__}: {error}"[:200], floor)
