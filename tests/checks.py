@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 import jax
-import numpy as np
 
 from attnbench import kernels
 from attnbench.kernels.registry import get_operator
