@@ -141,3 +141,27 @@ def test_judge_fails_nan_and_nonzero_padding_and_passes_rounding():
 def test_bounds_follow_the_unit_roundoff():
     assert RELATIVE_ERROR_BOUND["float32"] < RELATIVE_ERROR_BOUND["float16"] < \
         RELATIVE_ERROR_BOUND["bfloat16"] < 2e-2
+
+
+def test_timed_input_sets_keep_every_logit_of_the_checked_inputs():
+    """The rotated copies timed after the checked run hold the same logits (so the same
+    probes and logit statistics) in fresh buffers; only output channels change sign."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from attnbench import kernels
+    from attnbench.kernels.decode.problem import DecodeProblem
+    from attnbench.tuner.measure.input_sets import rotated_input_sets
+
+    problem = DecodeProblem(batch=2, max_len=64, q_heads=4, kv_heads=2, head_dim=16)
+    args, kwargs = problem.make_inputs(3)
+    first, second = rotated_input_sets(args, 3, 2)
+    logits = [np.einsum("bhd,bshd->bhs", np.asarray(s[0], np.float32)[:, :2],
+                        np.asarray(s[1], np.float32)) for s in (first, second)]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert not np.array_equal(np.asarray(first[2], np.float32), np.asarray(second[2], np.float32))
+    out = [np.asarray(kernels.decode_attention(*s, variant="reference", **kwargs), np.float32)
+           for s in (first, second)]
+    flipped = np.sign(np.asarray(second[0], np.float32)[0, 0] / np.asarray(first[0], np.float32)[0, 0])
+    np.testing.assert_allclose(out[1], out[0] * flipped, rtol=0, atol=1e-2)
+    assert jnp.dtype(second[1].dtype) == jnp.dtype(first[1].dtype)

@@ -8,22 +8,26 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from attnbench.kernels.random_inputs import normal
 
 
 def rotated_input_sets(args: tuple, seed: int, count: int) -> list[tuple]:
     """`count` positional-argument tuples of identical shapes for timing with rotation.
 
     The first is `args` (from `make_inputs(seed)`); the others keep its lengths and page
-    table (so one compiled call runs them all) and draw fresh query and cache values, so a
-    problem that fits in cache is not timed on the same hot buffers every call.
+    table (so one compiled call runs them all) in fresh buffers, so a problem that fits in
+    cache is not timed on the same hot buffers every call. Their float arrays are `args`'
+    with the sign of each head-dim channel flipped at random, the same channels in every
+    array of a set: every logit q.k is exactly the same, so the timed inputs keep the probe
+    keys and the logit statistics the checked run had, and only output channels flip sign.
     """
     sets = [tuple(args)]
+    head_dim = args[0].shape[-1]
     for index in range(1, count):
         rng = np.random.default_rng([seed, index])
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), head_dim)
         sets.append(tuple(
-            normal(rng, tuple(a.shape), jnp.dtype(a.dtype).name)
-            if jnp.issubdtype(a.dtype, jnp.floating) else a
+            (a * jnp.asarray(signs, a.dtype)).astype(a.dtype)
+            if jnp.issubdtype(a.dtype, jnp.floating) and a.shape[-1] == head_dim else a
             for a in args
         ))
     return sets
