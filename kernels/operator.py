@@ -10,11 +10,26 @@ bytes a call must move, which problem type generates its inputs, and so on.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
+
+
+@dataclasses.dataclass
+class AttentionRow:
+    """One query row of a call as the contract sees it, for checks that recompute rows."""
+
+    index: int  # the row's index in the output
+    queries: np.ndarray  # [Hq, D]
+    keys: np.ndarray  # [L, Hkv, D]: every position the row's sequence can address, in order
+    values: np.ndarray  # [L, Hkv, D]
+    low: int  # the first valid key position
+    position: int  # the query's position: the last valid key
+    sequence: int  # the sequence (batch row) it belongs to
+    first_of_chunk: bool = False  # the first query row of a prefill chunk (causal diagonal)
 
 
 class Operator(abc.ABC):
@@ -57,6 +72,21 @@ class Operator(abc.ABC):
         """Each output row's valid key positions as int [rows, 2] (first, end), for
         concrete inputs as the public function takes them; None when unknown. A verdict
         uses them to say where a wrong row looks."""
+        return None
+
+    @abc.abstractmethod
+    def attention_rows(self, args: tuple, kwargs: dict[str, Any]) -> list[AttentionRow]:
+        """The rows worth recomputing by hand (every row of a decode batch; the first and
+        last row of each prefill chunk), for inputs as the public function takes them."""
+
+    def boundary_sizes(self, args: tuple) -> dict[int, str]:
+        """Sizes of the op's own storage units whose boundaries kernels cut at, with their
+        names (a paged cache: {page_size: "page"}); block sizes of configs come on top."""
+        return {}
+
+    def with_page_moved(self, args: tuple, sequence: int, logical_page: int) -> tuple | None:
+        """The inputs with one page-table entry of `sequence` pointing at the next page, or
+        None for an operator without a page table."""
         return None
 
     @property

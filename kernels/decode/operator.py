@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from ..inputs import window_left_of
-from ..operator import Operator
+from ..operator import AttentionRow, Operator
 from ..run import run_operator
 from . import inputs
 from .inputs import DecodeShape
@@ -72,6 +72,18 @@ class DecodeOperator(Operator):
 
     def value_problems(self, shape, sequence_start, sequence_end):
         return inputs.value_problems(sequence_start, sequence_end, shape.max_len)
+
+    def attention_rows(self, args, kwargs):
+        query, key, value, start, end = (np.asarray(a) for a in args[:5])
+        window_left = window_left_of(kwargs.get("sliding_window"))
+        rows = []
+        for b in range(query.shape[0]):
+            low = int(start[b]) if window_left is None else max(int(start[b]),
+                                                                int(end[b]) - 1 - window_left)
+            if end[b] > low:
+                rows.append(AttentionRow(b, query[b], key[b], value[b], low, int(end[b]) - 1,
+                                         sequence=b))
+        return rows
 
     def key_fields(self, shape):
         # Decode has no pages; the field stays in the key so every op's keys share fields.

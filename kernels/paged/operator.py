@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..inputs import window_left_of
-from ..operator import Operator
+from ..operator import AttentionRow, Operator
 from ..run import run_operator
 from ..tunables import cdiv
 from . import inputs
@@ -90,6 +91,31 @@ class PagedOperator(Operator):
                 position - window_left, 0)
             ranges[rows] = np.stack([low, position + 1], axis=1)
         return ranges
+
+    def attention_rows(self, args, kwargs):
+        queries, kv_pages, context_lens, page_table, starts, num_seqs = (
+            np.asarray(a) for a in args[:6])
+        window_left = window_left_of(kwargs.get("sliding_window"))
+        rows = []
+        for i in range(int(num_seqs.reshape(()))):
+            first, q_len, context = int(starts[i]), int(starts[i + 1] - starts[i]), int(context_lens[i])
+            cache = kv_pages[np.clip(page_table[i], 0, len(kv_pages) - 1)].reshape(
+                -1, kv_pages.shape[2], kv_pages.shape[3])
+            for r in sorted({0, q_len - 1}):
+                position = context - q_len + r
+                low = 0 if window_left is None else max(0, position - window_left)
+                rows.append(AttentionRow(first + r, queries[first + r], cache[:, 0::2],
+                                         cache[:, 1::2], low, position, sequence=i,
+                                         first_of_chunk=q_len > 1 and r == 0))
+        return rows
+
+    def boundary_sizes(self, args):
+        return {args[1].shape[1]: "page"}
+
+    def with_page_moved(self, args, sequence, logical_page):
+        table = np.asarray(args[3]).copy()
+        table[sequence, logical_page] = (table[sequence, logical_page] + 1) % args[1].shape[0]
+        return (*args[:3], jnp.asarray(table), *args[4:])
 
     def key_fields(self, shape):
         return {"page_size": shape.page_size}

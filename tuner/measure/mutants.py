@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnbench.kernels.inputs import window_left_of
+from attnbench.kernels.operator import AttentionRow
 from attnbench.kernels.probes import BLOCK_SIZES
 from attnbench.kernels.registry import get_operator
 
@@ -57,18 +58,6 @@ def row_attention(queries, keys, values, valid, scale, soft_cap, sinks, kv_of_he
                                                                 1.0)[:, None], 0.0)
 
 
-@dataclasses.dataclass
-class _Row:
-    """A row to mutate: its output index, its keys in logical order and its valid range."""
-
-    index: int
-    queries: np.ndarray
-    keys: np.ndarray  # [L, Hkv, D], every position the row's sequence can address
-    values: np.ndarray
-    low: int
-    position: int
-
-
 def mutants(problem, args, kwargs, reference) -> Iterator[Mutant]:
     """Every mutant that applies to this problem, on these inputs (`reference`: the float32
     reference output on them)."""
@@ -79,15 +68,13 @@ def mutants(problem, args, kwargs, reference) -> Iterator[Mutant]:
     scale = prepared.softmax_scale
     cap = prepared.logits_soft_cap
     sinks = None if prepared.sinks is None else np.asarray(prepared.sinks)
-    q_heads = args[0].shape[-2]
-    kv_heads = (args[1].shape[2] if problem.op == "decode" else args[1].shape[2] // 2)
-    group = q_heads // kv_heads
-    heads = np.arange(q_heads) // group
-    rows = _decode_rows(args, kwargs) if problem.op == "decode" else _paged_rows(args, kwargs)
-    longest = max((r for r in rows if not r.prefill_first),
-                  key=lambda r: r.row.position - r.row.low)
+    _, shape = operator.prepare(*args, **kwargs)
+    heads = np.arange(shape.q_heads) // shape.group_size
+    kv_heads = shape.kv_heads
+    rows = operator.attention_rows(args, kwargs)
+    longest = max((r for r in rows if not r.first_of_chunk), key=lambda r: r.position - r.low)
 
-    def spliced(row: _Row, kind: str, detail: str, valid=None, soft_cap=cap, row_sinks=sinks,
+    def spliced(row: AttentionRow, kind: str, detail: str, valid=None, soft_cap=cap, row_sinks=sinks,
                 kv_of_head=heads) -> Mutant:
         if valid is None:
             valid = _range_mask(row)
@@ -97,7 +84,7 @@ def mutants(problem, args, kwargs, reference) -> Iterator[Mutant]:
         mutated[row.index] = np.asarray(jnp.asarray(out, jnp.float32).astype(dtype), np.float32)
         return Mutant(kind, f"row {row.index} {detail}", mutated)
 
-    def edited(row: _Row, kind: str, j: int, include: bool) -> Mutant | None:
+    def edited(row: AttentionRow, kind: str, j: int, include: bool) -> Mutant | None:
         if not 0 <= j < len(row.keys):
             return None
         valid = _range_mask(row)
@@ -106,30 +93,28 @@ def mutants(problem, args, kwargs, reference) -> Iterator[Mutant]:
         valid[j] = include
         return spliced(row, kind, f"key {j}", valid)
 
-    row = longest.row
+    row = longest
     candidates = [
         edited(row, "newest key dropped", row.position, False),
         edited(row, "oldest key dropped", row.low, False),
         edited(row, "key past the end added", row.position + 1, True),
         edited(row, "key before the range added", row.low - 1, True),
     ]
-    sizes = sorted(set(BLOCK_SIZES) | ({problem.page_size} if problem.op == "paged" else set()))
-    for size in sizes:
+    units = operator.boundary_sizes(args)
+    for size in sorted(set(BLOCK_SIZES) | set(units)):
         boundary = (row.position // size) * size
         if row.low < boundary <= row.position:
-            what = "page" if problem.op == "paged" and size == problem.page_size else "block"
+            what = units.get(size, "block")
             candidates.append(edited(row, f"first key of a {what} dropped (size {size})",
                                      boundary, False))
             candidates.append(edited(row, f"last key of a {what} dropped (size {size})",
                                      boundary - 1, False))
     window_left = window_left_of(kwargs.get("sliding_window"))
     if window_left is not None:
-        windowed = max(rows, key=lambda r: r.row.position - window_left - r.row.low)
-        if windowed.row.position - window_left >= 1 and windowed.row.low > 0:
-            candidates.append(edited(windowed.row, "window one too long", windowed.row.low - 1,
-                                     True))
-            candidates.append(edited(windowed.row, "window one too short", windowed.row.low,
-                                     False))
+        windowed = max(rows, key=lambda r: r.position - window_left - r.low)
+        if windowed.position - window_left >= 1 and windowed.low > 0:
+            candidates.append(edited(windowed, "window one too long", windowed.low - 1, True))
+            candidates.append(edited(windowed, "window one too short", windowed.low, False))
     if cap is not None:
         candidates.append(spliced(row, "soft cap ignored", "", soft_cap=None))
     if sinks is not None:
@@ -137,74 +122,33 @@ def mutants(problem, args, kwargs, reference) -> Iterator[Mutant]:
     if kv_heads > 1:
         candidates.append(spliced(row, "GQA head mapping shifted", "",
                                   kv_of_head=(heads + 1) % kv_heads))
-    for first in (r for r in rows if r.prefill_first):
-        candidates.append(edited(first.row, "causal: future key seen", first.row.position + 1,
-                                 True))
-        candidates.append(edited(first.row, "causal: own key dropped", first.row.position,
-                                 False))
+    for first in (r for r in rows if r.first_of_chunk):
+        candidates.append(edited(first, "causal: future key seen", first.position + 1, True))
+        candidates.append(edited(first, "causal: own key dropped", first.position, False))
         break
-    if problem.op == "paged":
-        candidates.append(_page_entry_off_by_one(operator, args, kwargs, longest, dtype))
+    candidates.append(_page_entry_off_by_one(operator, args, kwargs, longest, dtype))
     yield from (c for c in candidates if c is not None)
 
 
-def _range_mask(row: _Row) -> np.ndarray:
+def _range_mask(row: AttentionRow) -> np.ndarray:
     valid = np.zeros(len(row.keys), bool)
     valid[row.low:row.position + 1] = True
     return valid
 
 
-@dataclasses.dataclass
-class _Choice:
-    row: _Row
-    prefill_first: bool = False  # the first query row of a prefill chunk
-    sequence: int = 0
-
-
-def _decode_rows(args, kwargs) -> list[_Choice]:
-    query, key, value, start, end = (np.asarray(a) for a in args[:5])
-    window_left = window_left_of(kwargs.get("sliding_window"))
-    choices = []
-    for b in range(query.shape[0]):
-        low = int(start[b]) if window_left is None else max(int(start[b]),
-                                                            int(end[b]) - 1 - window_left)
-        if end[b] > low:
-            choices.append(_Choice(_Row(b, query[b], key[b], value[b], low, int(end[b]) - 1),
-                                   sequence=b))
-    return choices
-
-
-def _paged_rows(args, kwargs) -> list[_Choice]:
-    queries, kv_pages, context_lens, page_table, starts, num_seqs = (np.asarray(a) for a in args)
-    window_left = window_left_of(kwargs.get("sliding_window"))
-    page_size = kv_pages.shape[1]
-    choices = []
-    for i in range(int(num_seqs)):
-        first, end = int(starts[i]), int(starts[i + 1])
-        q_len, context = end - first, int(context_lens[i])
-        cache = kv_pages[np.clip(page_table[i], 0, len(kv_pages) - 1)].reshape(
-            -1, kv_pages.shape[2], kv_pages.shape[3])
-        keys, values = cache[:, 0::2], cache[:, 1::2]
-        for r in sorted({0, q_len - 1}):
-            position = context - q_len + r
-            low = 0 if window_left is None else max(0, position - window_left)
-            row = _Row(first + r, queries[first + r], keys, values, low, position)
-            choices.append(_Choice(row, prefill_first=(q_len > 1 and r == 0), sequence=i))
-    del page_size
-    return choices
-
-
-def _page_entry_off_by_one(operator, args, kwargs, choice: _Choice, dtype) -> Mutant | None:
+def _page_entry_off_by_one(operator, args, kwargs, row: AttentionRow, dtype) -> Mutant | None:
     """The longest row's sequence reads its second-to-last page (or its only one) from the
-    next page index: a table off by one in one entry."""
-    page_size = args[1].shape[1]
-    page = max(choice.row.position // page_size - 1, 0)
-    table = np.asarray(args[3]).copy()
-    table[choice.sequence, page] = (table[choice.sequence, page] + 1) % args[1].shape[0]
-    edited_args = (*args[:3], jnp.asarray(table), *args[4:])
+    next page index: a table off by one in one entry (operators with a page table only)."""
+    units = operator.boundary_sizes(args)
+    page_size = next((size for size, name in units.items() if name == "page"), None)
+    if page_size is None:
+        return None
+    page = max(row.position // page_size - 1, 0)
+    edited_args = operator.with_page_moved(args, row.sequence, page)
+    if edited_args is None:
+        return None
     out = jax.jit(lambda *a: operator.function(*a, variant="reference", **kwargs))(*edited_args)
-    return Mutant("page-table entry off by one",
-                  f"sequence {choice.sequence} page {page}",
+    return Mutant("page-table entry off by one", f"sequence {row.sequence} page {page}",
                   np.asarray(jnp.asarray(out).astype(dtype).astype(jnp.float32)))
 
 
