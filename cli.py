@@ -5,6 +5,7 @@ Commands read and print; the work happens in attnbench.kernels and attnbench.tun
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -19,7 +20,17 @@ app = typer.Typer(
     help="Benchmark and autotune attention kernels for LLM inference in JAX.",
     no_args_is_help=True,
     add_completion=False,
+    # An error is a line or two that says what to fix; the traceback is for --debug.
+    pretty_exceptions_enable=False,
 )
+
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug",
+                                        help="Show the full traceback of an error.")) -> None:
+    _DEBUG["on"] = debug
 
 
 def _prefer_cpu_without_accelerator() -> None:
@@ -80,14 +91,15 @@ def list_variants(
 def lookup(
     op: str = typer.Option(..., help="The operator: decode, paged, ..."),
     dtype: str = typer.Option("bfloat16", help="Key/value dtype."),
-    q_heads: int = typer.Option(..., help="Query heads Hq."),
-    kv_heads: int = typer.Option(..., help="Key/value heads Hkv."),
-    head_dim: int = typer.Option(..., help="Head dim D."),
-    batch: int = typer.Option(1, help="decode: batch B."),
-    max_len: int = typer.Option(..., help="decode: cache length S; paged: longest context."),
-    tokens: int = typer.Option(1, help="paged: query tokens T."),
-    page_size: int = typer.Option(16, help="paged: page size."),
-    max_seqs: Optional[int] = typer.Option(None, help="paged: page-table rows (default: tokens)."),
+    q_heads: int = typer.Option(..., min=1, help="Query heads Hq."),
+    kv_heads: int = typer.Option(..., min=1, help="Key/value heads Hkv."),
+    head_dim: int = typer.Option(..., min=1, help="Head dim D."),
+    batch: int = typer.Option(1, min=1, help="decode: batch B."),
+    max_len: int = typer.Option(..., min=1, help="decode: cache length S; paged: longest context."),
+    tokens: int = typer.Option(1, min=1, help="paged: query tokens T."),
+    page_size: int = typer.Option(16, min=1, help="paged: page size."),
+    max_seqs: Optional[int] = typer.Option(None, min=1,
+                                           help="paged: page-table rows (default: tokens)."),
     features: str = typer.Option("", help="Comma list: sliding_window,logits_soft_cap,sinks."),
     variant: Optional[str] = typer.Option(None, help="Restrict to this variant."),
     device_kind: Optional[str] = typer.Option(None, help="Normalized device kind (default: this one)."),
@@ -100,6 +112,9 @@ def lookup(
     from attnbench.kernels.table import key_text
 
     feature_set = _parse_features(features)
+    if q_heads % kv_heads:
+        raise typer.BadParameter(f"--q-heads {q_heads} must be a multiple of --kv-heads "
+                                 f"{kv_heads}", param_hint="--kv-heads")
     try:
         operator = get_operator(op)
     except ValueError as error:
@@ -437,9 +452,26 @@ def selftest(
         raise typer.Exit(1)
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        text += ("; free some space: a sweep keeps every finished measurement, and "
+                 "`attnbench sweep --resume RUN_DIR` finishes it")
+    elif isinstance(error, OSError):
+        text += " (check the path and its permissions)"
+    return text
+
+
 def main() -> None:
     _prefer_cpu_without_accelerator()
-    app()
+    try:
+        app()
+    except Exception as error:  # noqa: BLE001 -- every command's errors end here
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"attnbench: error: {_one_line(error)}", err=True)
+        typer.echo("(run with --debug for the full traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ dtype the same way.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -15,6 +16,9 @@ import numpy as np
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 FEATURES = ("sliding_window", "logits_soft_cap", "sinks")
+# Positions are int32 in every kernel: a window reaching further back than that sees every
+# key already, so longer windows are that window (and never overflow a kernel's arithmetic).
+MAX_WINDOW_LEFT = 2**31 - 1
 
 
 def dtype_name(array: Any) -> str:
@@ -87,11 +91,11 @@ def window_left_of(sliding_window: Any) -> int | None:
                 "sliding_window as a tuple must be (left, right) with ints >= 0, "
                 f"got {sliding_window!r}"
             )
-        return int(sliding_window[0])
+        return min(int(sliding_window[0]), MAX_WINDOW_LEFT)
     if isinstance(sliding_window, (int, np.integer)) and not isinstance(sliding_window, bool):
         if sliding_window < 1:
             raise ValueError(f"sliding_window must be an int >= 1, got {sliding_window}")
-        return int(sliding_window) - 1
+        return min(int(sliding_window) - 1, MAX_WINDOW_LEFT)
     raise TypeError(
         f"sliding_window must be an int >= 1 or a (left, right) tuple, got {sliding_window!r}"
     )
@@ -102,8 +106,8 @@ def static_scalar(name: str, value: Any, default: float | None) -> float | None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a Python float (static), got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
@@ -127,6 +131,11 @@ def features_used(window_left: int | None, soft_cap: float | None, sinks: Any) -
     if sinks is not None:
         used.add("sinks")
     return frozenset(used)
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if head_dim < 1:
+        raise ValueError(f"{name} must have a head dim D >= 1, got D = {head_dim}")
 
 
 def check_heads(q_heads: int, kv_heads: int, q_name: str, kv_name: str) -> None:

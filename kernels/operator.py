@@ -55,6 +55,15 @@ class Operator(abc.ABC):
         """Checks the public function's arguments: (normalized args, shape descriptor)."""
 
     @abc.abstractmethod
+    def output_shape(self, shape: Any) -> tuple[int, ...]:
+        """The shape of a call's output (rank 3, before any rank the public function keeps)."""
+
+    @abc.abstractmethod
+    def has_no_work(self, shape: Any) -> bool:
+        """Whether a call of this shape has no key any row could attend (an empty batch, an
+        empty cache, no pages): its output is all zeros by the contract, with no kernel run."""
+
+    @abc.abstractmethod
     def value_arrays(self, args: Any) -> tuple[jax.Array, ...]:
         """The index arrays :meth:`value_problems` reads (checked host side on request)."""
 

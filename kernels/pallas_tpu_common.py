@@ -58,8 +58,9 @@ def finish_softmax(m_ref, l_ref, acc_ref, sinks):
         rescale = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - m_all))
         l = rescale * l + jnp.exp(sinks - m_all)
         acc = rescale * acc
-    safe = jnp.where(l > 0, l, 1.0)
-    return jnp.where(l > 0, acc / safe, 0.0)
+    # Only an exact 0 is an empty row: a NaN from a valid input must reach the output.
+    safe = jnp.where(l == 0, 1.0, l)
+    return jnp.where(l == 0, 0.0, acc / safe)
 
 
 def scores_of(query, keys, softmax_scale: float, soft_cap: float | None):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .lookup import choose
@@ -44,6 +45,9 @@ def run_operator(operator, args: tuple, kwargs: dict[str, Any], *, variant: str 
     prepared, shape = operator.prepare(*args, **kwargs)
     if validate:
         _check_values(operator, shape, operator.value_arrays(prepared))
+    if operator.has_no_work(shape):
+        # Zero-sized arrays reach no kernel: some cannot tile or index an empty axis.
+        return jnp.zeros(operator.output_shape(shape), output_dtype)
     choice = choose(shape, variant=variant, config=config, interpret=interpret)
     return choice.variant.kernel(prepared, choice.config, interpret=interpret).astype(output_dtype)
 

@@ -326,3 +326,155 @@ def test_compare_of_sides_with_nothing_in_common_fails(tmp_path):
                                                  "entries": [entry]}))
     with pytest.raises(CompareError, match="nothing was compared"):
         compare_paths(tmp_path / "a.json", tmp_path / "b.json", 0.05, echo=lambda line: None)
+
+
+# ---- Degenerate shapes, bad scalars, NaN propagation --------------------------------------
+
+
+def _decode_call(batch, max_len, head_dim=8, **kwargs):
+    import jax.numpy as jnp
+
+    from attnbench import kernels
+
+    query = jnp.ones((batch, 4, head_dim), jnp.bfloat16)
+    cache = jnp.ones((batch, max_len, 2, head_dim), jnp.bfloat16)
+    start = jnp.zeros((batch,), jnp.int32)
+    end = jnp.full((batch,), max_len, jnp.int32)
+    return kernels.decode_attention(query, cache, cache, start, end, **kwargs)
+
+
+def _paged_call(tokens, pages, page_size, max_seqs, pages_per_seq=4):
+    import jax.numpy as jnp
+
+    from attnbench import kernels
+
+    return kernels.ragged_paged_attention(
+        jnp.ones((tokens, 4, 8), jnp.float32), jnp.ones((pages, page_size, 4, 8), jnp.float32),
+        jnp.zeros((max_seqs,), jnp.int32), jnp.zeros((max_seqs, pages_per_seq), jnp.int32),
+        jnp.zeros((max_seqs + 1,), jnp.int32), 0)
+
+
+@pytest.mark.parametrize("batch,max_len", [(0, 16), (2, 0)])
+def test_empty_decode_calls_give_the_contracts_zeros(batch, max_len):
+    import jax
+    import numpy as np
+
+    for out in (_decode_call(batch, max_len), jax.jit(lambda: _decode_call(batch, max_len))()):
+        assert out.shape == (batch, 4, 8)
+        assert not np.any(np.asarray(out, np.float32))
+
+
+@pytest.mark.parametrize("sizes", [(0, 4, 16, 2), (3, 0, 16, 2), (3, 4, 0, 2), (3, 4, 16, 0),
+                                   (3, 4, 16, 2, 0)])
+def test_empty_paged_calls_give_the_contracts_zeros(sizes):
+    import numpy as np
+
+    out = _paged_call(*sizes)
+    assert out.shape == (sizes[0], 4, 8)
+    assert not np.any(np.asarray(out))
+
+
+@pytest.mark.parametrize("keyword,value", [("logits_soft_cap", float("inf")),
+                                           ("softmax_scale", float("inf")),
+                                           ("softmax_scale", float("nan")),
+                                           ("logits_soft_cap", -1.0)])
+def test_non_finite_scalars_are_refused_by_name(keyword, value):
+    with pytest.raises(ValueError, match=keyword):
+        _decode_call(2, 16, **{keyword: value})
+
+
+def test_zero_head_dim_is_named_and_a_huge_window_sees_every_key():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="query must have a head dim"):
+        _decode_call(2, 16, head_dim=0)
+    wide = _decode_call(2, 16, sliding_window=10**30)
+    plain = _decode_call(2, 16)
+    np.testing.assert_array_equal(np.asarray(wide, np.float32), np.asarray(plain, np.float32))
+
+
+@pytest.mark.parametrize("variant", ["reference", "xla_blocked", "xla_dense"])
+def test_nan_in_a_valid_input_reaches_exactly_its_rows(variant):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from attnbench import kernels
+    from attnbench.kernels.decode.problem import DecodeProblem
+
+    problem = DecodeProblem(batch=3, max_len=64, q_heads=4, kv_heads=2, head_dim=16, sinks=True)
+    args, kwargs = problem.make_inputs(0)
+    query = args[0].at[1, 2].set(jnp.nan)
+    out = np.asarray(kernels.decode_attention(query, *args[1:], variant=variant, **kwargs),
+                     np.float32)
+    rows, heads = np.nonzero(np.isnan(out).any(axis=-1))
+    assert list(zip(rows, heads)) == [(1, 2)]
+    sinks = kwargs["sinks"].at[0].set(jnp.nan)
+    for call in (lambda *a: kernels.decode_attention(*a, sinks=sinks, variant=variant),
+                 jax.jit(lambda *a: kernels.decode_attention(*a, sinks=sinks, variant=variant))):
+        out = np.asarray(call(*args), np.float32)
+        assert np.isnan(out[:, 0]).all() and not np.isnan(out[:, 1:]).any()
+
+
+def test_validate_under_jit_reports_every_bad_value():
+    import jax
+    import jax.numpy as jnp
+
+    from attnbench import kernels
+
+    query = jnp.ones((2, 4, 8), jnp.float32)
+    cache = jnp.ones((2, 16, 2, 8), jnp.float32)
+    start = jnp.asarray([0, 3], jnp.int32)
+    end = jnp.asarray([20, 1], jnp.int32)
+    call = jax.jit(lambda *a: kernels.decode_attention(*a, validate=True))
+    with pytest.raises(jax.errors.JaxRuntimeError) as raised:
+        jax.block_until_ready(call(query, cache, cache, start, end))
+    text = str(raised.value)
+    assert "sequence_end[0] = 20 is beyond the cache length S = 16" in text
+    assert "sequence_start[1] = 3 > sequence_end[1] = 1" in text
+
+
+# ---- Leftovers and file modes ---------------------------------------------------------------
+
+
+def test_an_install_cleans_up_what_a_killed_install_left_and_files_follow_the_umask(tmp_path):
+    import os
+
+    from attnbench.kernels.table import Entry
+    from attnbench.tuner.results.install import install
+    from attnbench.tuner.results.records import write_json_atomic
+
+    leftover = tmp_path / ".cpu.json.k1ll3d.tmp"
+    leftover.write_text("{half a table")
+    key = {"device_kind": "cpu", "op": "decode", "dtype": "bfloat16", "q_heads": 8,
+           "kv_heads": 2, "head_dim": 64, "page_size": None, "features": [], "batch": 2,
+           "max_len": 256}
+    entry = Entry(op="decode", variant="reference", key=key, config={}, time_us=1.0)
+    previous = os.umask(0o022)
+    try:
+        path = install([entry], "cpu", {"run_id": "r"}, directory=tmp_path)
+        assert not leftover.exists()
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "private.json", {"a": 1})
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_a_command_error_is_one_line_unless_debug():
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "attnbench.cli", "demo", "--dtype", "int8"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    ours = [line for line in done.stderr.splitlines() if line.startswith(("attnbench", "("))]
+    assert done.returncode == 1
+    assert ours == ["attnbench: error: query must have dtype in ['float32', 'bfloat16', "
+                    "'float16'], got int8", "(run with --debug for the full traceback)"]
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

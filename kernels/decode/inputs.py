@@ -14,8 +14,8 @@ from typing import ClassVar, NamedTuple
 import jax
 import numpy as np
 
-from ..inputs import (as_int32, check_float, check_heads, check_int, check_rank, dtype_name,
-                      features_used, sinks_per_head, static_scalar, window_left_of)
+from ..inputs import (as_int32, check_float, check_head_dim, check_heads, check_int, check_rank,
+                      dtype_name, features_used, sinks_per_head, static_scalar, window_left_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,7 @@ def prepare(
         raise ValueError(
             f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
         )
+    check_head_dim("query", head_dim)
     check_heads(q_heads, kv_heads, "query", "key")
     check_int("sequence_start", sequence_start, (batch,), "int32 [B]")
     check_int("sequence_end", sequence_end, (batch,), "int32 [B]")

@@ -67,6 +67,12 @@ class DecodeOperator(Operator):
         prepared, shape, _ = inputs.prepare(*args, **kwargs)
         return prepared, shape
 
+    def output_shape(self, shape):
+        return (shape.batch, shape.q_heads, shape.head_dim)
+
+    def has_no_work(self, shape):
+        return shape.batch == 0 or shape.max_len == 0 or shape.q_heads == 0
+
     def value_arrays(self, args):
         return (args.sequence_start, args.sequence_end)
 

@@ -151,8 +151,9 @@ def splitkv_merge_kernel(
     denominator = tl.sum(split_sum * split_weight, axis=0)
     if HAS_SINKS:
         denominator += tl.exp2(sink - shift)
-    safe_denominator = tl.where(denominator > 0, denominator, 1.0)
-    out = tl.where(denominator > 0, numerator / safe_denominator, 0.0)
+    # Only an exact 0 is an empty row: a NaN from a valid input must reach the output.
+    safe_denominator = tl.where(denominator == 0, 1.0, denominator)
+    out = tl.where(denominator == 0, 0.0, numerator / safe_denominator)
     tl.store(out_ptr + row * HEAD_DIM + dim, out, mask=dim_is_real)
 
 

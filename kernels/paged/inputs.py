@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..tunables import cdiv
-from ..inputs import (as_int32, check_float, check_heads, check_int, check_rank, dtype_name,
-                      features_used, sinks_per_head, static_scalar, window_left_of)
+from ..inputs import (as_int32, check_float, check_head_dim, check_heads, check_int, check_rank,
+                      dtype_name, features_used, sinks_per_head, static_scalar, window_left_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,7 @@ def prepare(
     if kv_dim != head_dim:
         raise ValueError(f"kv_pages must have head dim D = {head_dim} (from queries), got {kv_dim}")
     kv_heads = combined_heads // 2
+    check_head_dim("queries", head_dim)
     check_heads(q_heads, kv_heads, "queries", "kv_pages")
     check_rank("page_table", page_table, (2,), "int32 [max_seqs, pages_per_seq]")
     max_seqs, pages_per_seq = page_table.shape

@@ -64,6 +64,13 @@ class PagedOperator(Operator):
     def prepare(self, *args, **kwargs):
         return inputs.prepare(*args, **kwargs)
 
+    def output_shape(self, shape):
+        return (shape.num_tokens, shape.q_heads, shape.head_dim)
+
+    def has_no_work(self, shape):
+        return 0 in (shape.num_tokens, shape.q_heads, shape.max_seqs, shape.pages_per_seq,
+                     shape.page_size, shape.num_pages)
+
     def value_arrays(self, args):
         return (args.context_lens, args.page_table, args.query_start_loc, args.num_seqs)
 

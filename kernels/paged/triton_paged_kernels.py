@@ -195,8 +195,8 @@ def paged_attention_kernel(
             running_max = new_max
 
         if KV_SPLITS == 1:
-            safe_sum = tl.where(running_sum > 0.0, running_sum, 1.0)
-            result = tl.where(running_sum[:, None] > 0.0, accumulator / safe_sum[:, None], 0.0)
+            safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
+            result = tl.where(running_sum[:, None] == 0.0, 0.0, accumulator / safe_sum[:, None])
             tl.store(output_ptr + row_offset[:, None] + dim[None, :],
                      result.to(output_ptr.dtype.element_ty), mask=store_mask)
         else:
@@ -256,8 +256,8 @@ def combine_splits_kernel(
         parts = tl.load(partial_output_ptr + split_row[:, None] * HEAD_DIM + dim[None, :],
                         mask=split_is_real[:, None] & dim_is_real[None, :], other=0.0)
         merged = tl.sum(parts * scale[:, None], axis=0)
-        safe_sum = tl.where(total_sum > 0.0, total_sum, 1.0)
-        result = tl.where(total_sum > 0.0, merged / safe_sum, 0.0)
+        safe_sum = tl.where(total_sum == 0.0, 1.0, total_sum)
+        result = tl.where(total_sum == 0.0, 0.0, merged / safe_sum)
     else:
         result = tl.zeros([HEAD_DIM_PADDED], dtype=tl.float32)
     tl.store(output_ptr + row * HEAD_DIM + dim, result.to(output_ptr.dtype.element_ty),

@@ -17,7 +17,7 @@ from filelock import FileLock
 from attnbench.kernels.lookup import user_tuned_dir
 from attnbench.kernels.table import Entry, Table, TableError, read_table
 
-from .records import write_json_atomic
+from .records import temporary_files_of, write_json_atomic
 from ..canonical_json import canonical
 
 _RUNS_KEPT = 50
@@ -49,6 +49,10 @@ def install(entries: list[Entry], device_kind: str, provenance: dict[str, Any],
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{device_kind}.json"
     with FileLock(str(path) + ".lock", timeout=120):
+        # Holding the lock, no other install is writing: temporary files here are leftovers
+        # of an install that was killed mid-write.
+        for leftover in temporary_files_of(path):
+            leftover.unlink(missing_ok=True)
         old_entries: tuple[Entry, ...] = ()
         meta: dict[str, Any] = {"device_kind": device_kind}
         if path.exists():

@@ -45,12 +45,30 @@ _LEADING_COLUMNS = (
 _DERIVED_COLUMNS = ("fraction_of_floor", "speedup_vs_default", "speedup_vs_reference", "id")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temporary_files_of(path: Path) -> list[Path]:
+    """The temporary files :func:`write_json_atomic` makes beside `path` (left behind when a
+    writer is killed mid-write)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON so that a reader sees the old file or the new one, never half of one."""
+    """Writes JSON so that a reader sees the old file or the new one, never half of one.
+
+    The file gets the mode an ordinary write would (0666 less the umask), not the 0600 of a
+    private temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "w") as file:
             json.dump(data, file, indent=2, sort_keys=False, default=str)
             file.write("\n")
