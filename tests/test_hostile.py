@@ -478,3 +478,15 @@ def test_a_command_error_is_one_line_unless_debug():
     debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True,
                            text=True, env=env, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_validate_refuses_a_context_no_kernel_can_address(tmp_path):
+    from attnbench.tuner.plan.sweep_file import sweep_problems_in_file
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("devices: ['*']\nops:\n  paged:\n    problems:\n"
+                    "      - {q_heads: 8, kv_heads: 2, head_dim: 64, context: 1000000000000}\n"
+                    "    variants: {reference: {}}\n")
+    assert sweep_problems_in_file(path) == [
+        "ops.paged.problems[0].context: must be below 2**31 (positions are int32 in every "
+        "kernel), got 1000000000000"]

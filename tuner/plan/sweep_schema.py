@@ -121,6 +121,16 @@ class SweepFileSchema(_Strict):
     ops: Annotated[dict[str, Any], BeforeValidator(none_is_empty)]
 
 
+def _context(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2**31:
+        raise ValueError(f"must be below 2**31 (positions are int32 in every kernel), "
+                         f"got {value}")
+    return value
+
+
+Context = Annotated[PositiveInt, pydantic.AfterValidator(_context)]
+
+
 def _model_name(value: Any) -> Any:
     if value not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {value!r}; known: {sorted(MODEL_PRESETS)}")
@@ -140,7 +150,7 @@ def problem_entry_schema(op: str) -> type[BaseModel]:
         "model": ModelName, "q_heads": PositiveInt,
         "kv_heads": PositiveInt, "head_dim": PositiveInt,
         "sliding_window": PositiveInt | None, "logits_soft_cap": PositiveNumber | None,
-        "sinks": Boolean, "dtype": one_of(*SUPPORTED_DTYPES), "context": PositiveInt,
+        "sinks": Boolean, "dtype": one_of(*SUPPORTED_DTYPES), "context": Context,
         "lengths": one_of(*LENGTH_DISTRIBUTIONS), "min_len": NonNegativeInt,
     }
     own = {name: field_type for name, (field_type, _) in
