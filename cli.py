@@ -280,9 +280,13 @@ def sweep(
             path = sweep_file
         else:
             environment = probe_environment(measure_bandwidth=False)
-            path = sweep_files.sweep_for_device(environment["device_kind"],
-                                                environment["device_kind_raw"])
-            typer.echo(f"device {environment['device_kind']}: using {path}")
+            chosen = sweep_files.choose_device_sweep(environment["device_kind"],
+                                                     environment["device_kind_raw"],
+                                                     environment["platform"])
+            path = chosen.path
+            if chosen.warning:
+                typer.echo(f"warning: {chosen.warning}", err=True)
+            typer.echo(f"device {environment['device_kind']}: using {path} ({chosen.match})")
         if dry_run:
             runner.dry_run(path, shard=_parse_shard(shard), echo=typer.echo)
             return

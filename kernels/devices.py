@@ -71,3 +71,33 @@ def cache_bytes(device_kind: str, platform: str) -> int:
 def generic_sweep_pattern(platform: str) -> str | None:
     """What a sweep file lists in `devices` to be the fallback of a whole platform."""
     return {"gpu": "gpu", "tpu": "tpu"}.get(platform)
+
+
+def platform_of_kind(device_kind: str) -> str | None:
+    """'gpu', 'tpu' or 'cpu' for a normalized device kind, None when it does not say."""
+    if device_kind == "cpu":
+        return "cpu"
+    if device_kind.startswith(("nvidia-", "amd-")):
+        return "gpu"
+    if device_kind.startswith("tpu-"):
+        return "tpu"
+    return None
+
+
+def fallback_names(device_kind: str, platform: str | None = None) -> list[str]:
+    """What else a sweep file or table may name to serve this kind, nearest first: the
+    chip family, then the whole platform ('gpu', 'tpu')."""
+    names = []
+    family = family_of(device_kind)
+    if family:
+        names.append(family)
+    generic = generic_sweep_pattern(platform or platform_of_kind(device_kind) or "")
+    if generic:
+        names.append(generic)
+    return names
+
+
+def siblings_of(device_kind: str) -> list[str]:
+    """The other kinds of this kind's chip family, in the order CHIPS lists them."""
+    family = family_of(device_kind)
+    return [kind for kind, chip in CHIPS.items() if chip.family == family and kind != device_kind]
