@@ -199,14 +199,25 @@ def bench(
         None, "--set", metavar="FIELD=VALUE",
         help="Change a field of the problem, named as in a sweep file's problem entry "
              "(repeatable): --set model=starcoder-15b --set context=4096 --set batch=1."),
+    timer: str = typer.Option("auto", help="profiler (the device's clock), wall, or auto: "
+                                           "profiler on GPU/TPU, wall on CPU."),
+    cache: str = typer.Option("auto", help="cold (flush the device cache before each call), "
+                                           "warm, or auto: cold on GPU."),
 ) -> None:
     """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
     from attnbench.tuner.measure import roofline
     from attnbench.tuner.measure.bench import BENCH_PROBLEMS, bench_problem, run_bench
     from attnbench.tuner.plan.sweep_file import SweepFileError
 
+    from attnbench.tuner.measure.timing import CACHE_MODES, TIMERS
+
     if problem not in BENCH_PROBLEMS:
         raise typer.BadParameter(f"choose from {list(BENCH_PROBLEMS)}", param_hint="PROBLEM")
+    if timer not in TIMERS:
+        raise typer.BadParameter(f"choose from {list(TIMERS)}, got {timer!r}", param_hint="--timer")
+    if cache not in CACHE_MODES:
+        raise typer.BadParameter(f"choose from {list(CACHE_MODES)}, got {cache!r}",
+                                 param_hint="--cache")
     overrides = {}
     for assignment in set_ or []:
         field, equals, value = assignment.partition("=")
@@ -222,13 +233,17 @@ def bench(
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
     best = None
-    for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed):
+    for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
+                         timer=timer, cache=cache):
         if row.timing is None:
             typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
             continue
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
-                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e}")
+                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e} "
+                   f"[{row.timing.timer} timer, {row.timing.cache} cache]")
+        if row.timing.timer_note:
+            typer.echo(f"    note: {row.timing.timer_note}")
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
     if best is None:

@@ -132,7 +132,7 @@ class _Run:
                     else:
                         task = worker.Task(worker.VariantRef.of(candidate.variant),
                                            candidate.config, timing.warmup, repeats,
-                                           timing.max_seconds)
+                                           timing.max_seconds, timing.timer, timing.cache)
                         record["worker_pid"] = current.process.pid
                         record.update(current.measure(task, timing.timeout_s))
                     self.record(record, progress, label)
