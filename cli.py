@@ -420,11 +420,25 @@ def selftest(
         None, help="Whose problems to test on (default: the shipped CPU sweep, sweeps/cpu.yaml)."),
     seed: int = typer.Option(0, help="Seed of the inputs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per mutant."),
+    device: bool = typer.Option(
+        False, "--device",
+        help="Instead: check this host's accelerator offline: every native variant against "
+             "the reference, one problem timed with both timers, a short sweep of the device "
+             "(from SWEEP_FILE if given, else the device's own); writes one JSON report."),
+    out: Optional[Path] = typer.Option(
+        None, help="With --device: the report folder (default results/selftest/<time>)."),
 ) -> None:
     """Test the correctness gate: run deliberately wrong kernels (one bad key, window, soft
-    cap, sinks, GQA, causal, page table) on a sweep's problems; count how many it catches."""
+    cap, sinks, GQA, causal, page table) on a sweep's problems; count how many it catches.
+    With --device, test this host's accelerator instead."""
     from attnbench.tuner.measure.mutants import run_mutants
     from attnbench.tuner.plan import sweep_file as sweep_files
+
+    if device:
+        _device_selftest(sweep_file, out, seed)
+        return
+    if out is not None:
+        raise typer.BadParameter("--out is for --device only", param_hint="--out")
 
     path = sweep_file or sweep_files.sweeps_dir() / "cpu.yaml"
     try:
@@ -456,6 +470,25 @@ def selftest(
         raise typer.Exit(1)
 
 
+def _device_selftest(sweep_file: Optional[Path], out: Optional[Path], seed: int) -> None:
+    import datetime
+
+    from attnbench.tuner.device_selftest import run_device_selftest
+    from attnbench.tuner.errors import SweepError
+    from attnbench.tuner.plan.sweep_file import SweepFileError
+
+    if out is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = Path("results") / "selftest" / stamp
+    try:
+        report = run_device_selftest(out, sweep_path=sweep_file, seed=seed, echo=typer.echo)
+    except (SweepError, SweepFileError, FileNotFoundError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     _prefer_cpu_without_accelerator()
     app()
@@ -463,3 +496,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+

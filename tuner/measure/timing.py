@@ -43,6 +43,8 @@ class Timing:
     timer: str = "wall"  # the clock the samples come from: "profiler" or "wall"
     cache: str = "warm"  # "cold" or "warm": the cache state each timed call started in
     timer_note: str = ""  # why the asked-for timer was not used, if it was not
+    # With the profiler timer: the wall-clock median of the same calls (dispatch included).
+    wall_median_us: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +123,9 @@ def time_call(
     note = ""
     if policy.timer == "profiler":
         try:
-            samples = _profiled(compiled, input_sets, repeats, max_seconds, flush)
-            return _summary(samples, "profiler", cache, "")
+            samples, walls = _profiled(compiled, input_sets, repeats, max_seconds, flush)
+            return dataclasses.replace(_summary(samples, "profiler", cache, ""),
+                                       wall_median_us=float(np.median(walls)))
         except (DeviceTraceError, RuntimeError, ValueError, OSError) as error:
             note = f"profiler timer unavailable, wall clock used: {type(error).__name__}: {error}"
     samples = _wall_clocked(compiled, input_sets, repeats, max_seconds, flush)
@@ -146,23 +149,26 @@ def _wall_clocked(compiled, input_sets, repeats, max_seconds, flush) -> list[flo
     return samples
 
 
-def _profiled(compiled, input_sets, repeats, max_seconds, flush) -> list[float]:
+def _profiled(compiled, input_sets, repeats, max_seconds, flush) -> tuple[list[float], list[float]]:
+    """(device µs, wall µs) of each timed call, the calls run inside one profiler session."""
     module = hlo_module_name(compiled)
-    made = 0
+    walls = []
     with tempfile.TemporaryDirectory(prefix="attnbench-trace-") as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            began = time.perf_counter()
+            spent = 0.0
             for i in range(repeats):
                 if flush is not None:
                     flush()
+                began = time.perf_counter()
                 jax.block_until_ready(compiled(*input_sets[i % len(input_sets)]))
-                made += 1
-                if (max_seconds is not None and time.perf_counter() - began > max_seconds
-                        and made >= 3):
+                elapsed = time.perf_counter() - began
+                walls.append(elapsed * 1e6)
+                spent += elapsed
+                if max_seconds is not None and spent > max_seconds and len(walls) >= 3:
                     break
         events = load_trace(folder)
-    times, _ = execution_times_us(events, module, made)
-    return times
+    times, _ = execution_times_us(events, module, len(walls))
+    return times, walls
 
 
 def _summary(samples: list[float], timer: str, cache: str, note: str) -> Timing:

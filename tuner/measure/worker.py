@@ -237,7 +237,8 @@ class _Problem:
             return {**record, "status": "error", "reason": _message(error)}
         record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
                       p80_us=timing.p80_us, samples=timing.samples, timer=timing.timer,
-                      cache=timing.cache, timer_note=timing.timer_note)
+                      cache=timing.cache, timer_note=timing.timer_note,
+                      wall_median_us=timing.wall_median_us)
         return record
 
 
