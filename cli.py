@@ -241,7 +241,9 @@ def bench(
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
                    f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e} "
-                   f"[{row.timing.timer} timer, {row.timing.cache} cache]")
+                   f"[{row.timing.timer} timer, {row.timing.cache} cache"
+                   + (f", wall {row.timing.wall_median_us:.0f} us"
+                      if row.timing.wall_median_us is not None else "") + "]")
         if row.timing.timer_note:
             typer.echo(f"    note: {row.timing.timer_note}")
         if best is None or row.timing.median_us < best.timing.median_us:
