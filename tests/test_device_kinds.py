@@ -103,3 +103,15 @@ def test_lookup_falls_back_to_a_table_of_the_same_family(tmp_path, monkeypatch):
         "entries[0]")
     on_l4 = lookup.choose(SHAPE, device_kind="nvidia-l4", platform="cpu")
     assert on_l4.source == "heuristic default"
+
+
+@pytest.mark.parametrize("kind, target", [
+    ("nvidia-h200", "sm_90"), ("nvidia-gh200", "sm_90"), ("nvidia-h800", "sm_90"),
+    ("nvidia-h20", "sm_90"), ("nvidia-a800", "sm_80"), ("nvidia-a10g", "sm_86"),
+    ("nvidia-l40s", "sm_89"), ("nvidia-rtx-4090", "sm_89"), ("nvidia-b200", None),
+])
+def test_chips_of_one_compute_capability_share_the_static_check_target(kind, target):
+    from attnbench.tuner.check.static_check import target_for_device
+
+    found = target_for_device(kind)
+    assert (found.name if found else None) == target

@@ -159,7 +159,8 @@ def test_cold_cache_policy_per_device():
     unknown = TimingPolicy.for_device("gpu", "nvidia-t4")
     assert unknown.flush_bytes >= 2 * 126 * 2**20
     v6e = TimingPolicy.for_device("tpu", "tpu-v6e")
-    assert (v6e.timer, v6e.flush_bytes) == ("profiler", 0)
+    assert (v6e.timer, v6e.flush_bytes, v6e.cacheless) == ("profiler", 0, True)
+    assert TimingPolicy.for_device("tpu", "tpu-v4").flush_bytes == 2 * 128 * 2**20
     cpu = TimingPolicy.for_device("cpu", "cpu", host_cache_bytes=32 * 2**20)
     assert (cpu.timer, cpu.flush_bytes, cpu.cache_bytes) == ("wall", 0, 32 * 2**20)
     with pytest.raises(ValueError, match="timer must be one of"):
@@ -180,3 +181,6 @@ def test_flush_between_calls_and_cache_recorded():
     large = time_call(compiled, [(x,)] * 3, warmup=0, repeats=3,
                       policy=TimingPolicy("wall", cache_bytes=1 << 20), bytes_per_call=1 << 20)
     assert large.cache == "cold"
+    cacheless = time_call(compiled, [(x,)], warmup=0, repeats=3,
+                          policy=TimingPolicy("wall", cacheless=True))
+    assert cacheless.cache == "cold"

@@ -11,13 +11,14 @@ Compile time is never included: callers pass an already compiled function. Two t
 
 Cache state: on a GPU (and TPU v4's CMEM) a buffer of twice the device's cache
 (kernels/devices.py) is rewritten before every timed call, so each call starts cold
-(``cache: cold``). Elsewhere calls rotate through the given input sets, and the record says
+(``cache: cold``); later TPUs have no cache in front of HBM, so their calls are cold as is. Elsewhere calls rotate through the given input sets, and the record says
 ``cold`` only where the sets together exceed the cache (``cache_bytes``), else ``warm``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ class TimingPolicy:
     timer: str = "wall"
     flush_bytes: int = 0  # > 0: rewrite a buffer this large before every timed call
     cache_bytes: int = 0  # the cache rotated input sets must exceed to count as cold
+    cacheless: bool = False  # the device reads its memory through no cache (TPU v5e-v7x)
 
     def __post_init__(self):
         if self.timer not in ("profiler", "wall"):
@@ -76,7 +78,8 @@ class TimingPolicy:
         flush = 2 * device_cache if cache != "warm" and device_cache else 0
         if platform == "cpu":
             flush = 2 * host_cache_bytes if cache == "cold" else 0
-        return cls(timer, flush, device_cache or host_cache_bytes)
+        return cls(timer, flush, device_cache or host_cache_bytes,
+                   cacheless=platform == "tpu" and not device_cache)
 
 
 class _CacheFlush:
@@ -93,6 +96,12 @@ class _CacheFlush:
 
     def __call__(self) -> None:
         self.buffer = jax.block_until_ready(self.step(self.buffer))
+
+
+@functools.lru_cache(maxsize=1)
+def _flush_of(num_bytes: int) -> _CacheFlush:
+    """One flush buffer per worker, not one per timed config."""
+    return _CacheFlush(num_bytes)
 
 
 def time_call(
@@ -112,10 +121,10 @@ def time_call(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     policy = policy or TimingPolicy()
-    flush = _CacheFlush(policy.flush_bytes) if policy.flush_bytes else None
+    flush = _flush_of(policy.flush_bytes) if policy.flush_bytes else None
     for i in range(warmup):
         jax.block_until_ready(compiled(*input_sets[i % len(input_sets)]))
-    if flush is not None:
+    if flush is not None or policy.cacheless:
         cache = "cold"
     else:
         rotated = bytes_per_call * len(input_sets)
