@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from attnbench.kernels.jax_compat import compile_with_device_events, hlo_module_name
@@ -27,8 +28,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 def _long_call():
-    """A CPU call of some milliseconds, with XLA:CPU's per-execution events asked for."""
-    x = jnp.linspace(0.0, 1.0, 384 * 384, dtype=jnp.float32).reshape(384, 384)
+    """A CPU call of about 0.1 s, with XLA:CPU's per-execution events asked for."""
+    x = jnp.linspace(0.0, 1.0, 768 * 768, dtype=jnp.float32).reshape(768, 768)
 
     def attnbench_long_call(a):
         for _ in range(4):
@@ -51,11 +52,10 @@ def test_profiler_agrees_with_the_wall_clock_call_by_call():
         events = load_trace(folder)
     device, layout = execution_times_us(events, hlo_module_name(compiled), 4)
     assert layout == "host thunks"
-    for device_us, wall_us in zip(device, walls):
-        # The execution lies inside the blocked call; on a call of milliseconds, dispatch
-        # and the wait are a small share of it.
-        assert device_us <= wall_us * 1.01
-        assert device_us >= 0.7 * wall_us, (device, walls)
+    # Each execution lies inside its blocked call; on a call this long, dispatch and the
+    # wake-up of the waiting thread are a small share of it (on a shared, busy host too).
+    assert all(d <= w * 1.01 for d, w in zip(device, walls)), (device, walls)
+    assert np.median(device) >= 0.75 * np.median(walls), (device, walls)
 
 
 def test_time_call_uses_the_profiler_and_records_it():
@@ -93,9 +93,13 @@ def test_stored_cpu_trace():
         if event.get("args", {}).get("hlo_module") == expected["module"]:
             runs.setdefault(event["args"]["run_id"], []).append(event)
     assert len(runs) == 3 and max(len(run) for run in runs.values()) > 1
+    # A process that also holds compile-only TPU devices lists them in its trace; a CPU
+    # call's events are still read from the host process.
+    with_tpu = _meta(9, "/device:TPU:0", {1: "XLA Modules"}) + data["traceEvents"]
+    assert execution_times_us(with_tpu, expected["module"], 3) == (times, "host thunks")
     with pytest.raises(DeviceTraceError, match="holds 3 executions .* but 4 were made"):
         execution_times_us(data["traceEvents"], expected["module"], 4)
-    with pytest.raises(DeviceTraceError, match="no events of module 'jit_other'"):
+    with pytest.raises(DeviceTraceError, match="no events of module 'jit_other' on a /host:CPU"):
         execution_times_us(data["traceEvents"], "jit_other", 3)
 
 
@@ -130,26 +134,30 @@ def _gpu_trace(executions: int, with_module_line: bool = False):
 
 
 def test_gpu_kernel_events_of_the_call_only():
-    times, layout = execution_times_us(_gpu_trace(3), "jit_call", 3)
+    times, layout = execution_times_us(_gpu_trace(3), "jit_call", 3, "gpu")
     assert layout == "device kernels"
     assert times == [45.0, 45.0, 45.0]  # first kernel's start to last kernel's end
     with pytest.raises(DeviceTraceError, match="6 kernel events .* do not divide into 4"):
-        execution_times_us(_gpu_trace(3), "jit_call", 4)
-    with pytest.raises(DeviceTraceError, match="holds no device events"):
-        execution_times_us(_gpu_trace(3), "jit_missing", 3)
+        execution_times_us(_gpu_trace(3), "jit_call", 4, "gpu")
+    with pytest.raises(DeviceTraceError, match="no events of module 'jit_missing' on a /device:GPU"):
+        execution_times_us(_gpu_trace(3), "jit_missing", 3, "gpu")
+    with pytest.raises(ValueError, match="platform must be one of"):
+        execution_times_us(_gpu_trace(3), "jit_call", 3, "rocm")
 
 
 def test_gpu_and_tpu_module_lines_win_over_kernels():
-    times, layout = execution_times_us(_gpu_trace(2, with_module_line=True), "jit_call", 2)
+    times, layout = execution_times_us(_gpu_trace(2, with_module_line=True), "jit_call", 2, "gpu")
     assert (times, layout) == ([45.0, 45.0], "module line")
     tpu = _meta(3, "/device:TPU:0", {1: "XLA Modules", 2: "XLA Ops"})
     for i, dur in enumerate((12.5, 11.0, 13.25)):
         tpu.append(_x(3, 1, 100.0 * i, dur, "jit_call(55)", run_id=str(i)))
         tpu.append(_x(3, 2, 100.0 * i, dur / 2, "fusion.3", hlo_module="jit_call"))
     tpu.append(_x(3, 1, 900.0, 5.0, "jit_call_other(56)"))  # a prefix of another name
-    assert execution_times_us(tpu, "jit_call", 3) == ([12.5, 11.0, 13.25], "module line")
+    assert execution_times_us(tpu, "jit_call", 3, "tpu") == ([12.5, 11.0, 13.25], "module line")
     with pytest.raises(DeviceTraceError, match="holds 3 executions"):
-        execution_times_us(tpu, "jit_call", 2)
+        execution_times_us(tpu, "jit_call", 2, "tpu")
+    with pytest.raises(DeviceTraceError, match="on a /device:GPU process"):
+        execution_times_us(tpu, "jit_call", 3, "gpu")
 
 
 def test_cold_cache_policy_per_device():

@@ -14,7 +14,8 @@ Where a call's time is found, by layout:
   the ``/host:CPU`` process with ``hlo_module`` and a ``run_id`` per execution.
 
 Events of other modules (the cache flush between timed calls) and host-side events of the
-call (dispatch) are left out. The number of executions found must equal the number made.
+call (dispatch) are left out. The number of executions found must equal the number made. Only processes of the call's
+platform are read: a CPU host may also list compile-only TPU devices.
 """
 
 from __future__ import annotations
@@ -66,15 +67,26 @@ def _span_us(group: list[dict]) -> float:
     return max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in group) - start
 
 
-def execution_times_us(events: list[dict[str, Any]], module: str, expected: int) -> tuple[list[float], str]:
-    """Device microseconds of each of the `expected` executions of HLO module `module`, in
-    order, and which layout held them ('module line', 'device kernels' or 'host thunks').
+_PROCESS_PREFIX = {"gpu": "/device:GPU", "tpu": "/device:TPU", "cpu": "/host:CPU"}
+
+
+def execution_times_us(events: list[dict[str, Any]], module: str, expected: int,
+                       platform: str = "cpu") -> tuple[list[float], str]:
+    """Device microseconds of each of the `expected` executions of HLO module `module` on
+    `platform` ('cpu', 'gpu' or 'tpu'), in order, and which layout held them ('module line',
+    'device kernels' or 'host thunks').
 
     Raises DeviceTraceError when the trace holds another number of executions.
     """
+    if platform not in _PROCESS_PREFIX:
+        raise ValueError(f"platform must be one of {sorted(_PROCESS_PREFIX)}, got {platform!r}")
     processes, threads = _names(events)
     complete = [e for e in events if e.get("ph") == "X" and "ts" in e]
-    device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    # A process may hold other platforms' devices too (compile-only TPU devices on a CPU
+    # host): only the call's platform counts.
+    prefix = _PROCESS_PREFIX[platform]
+    pids = {pid for pid, name in processes.items() if name.startswith(prefix)}
+    device_pids = pids if platform != "cpu" else set()
 
     on_module_line = [e for e in complete if e.get("pid") in device_pids
                       and threads.get((e.get("pid"), e.get("tid"))) == MODULE_LINE
@@ -83,16 +95,12 @@ def execution_times_us(events: list[dict[str, Any]], module: str, expected: int)
         times = [float(e.get("dur", 0.0)) for e in sorted(on_module_line, key=lambda e: e["ts"])]
         return _checked(times, expected, module, "module line"), "module line"
 
-    if device_pids:
-        layout = "device kernels"
-        ops = [e for e in complete if e.get("pid") in device_pids
-               and e.get("args", {}).get("hlo_module") == module]
-    else:
-        layout = "host thunks"
-        ops = [e for e in complete if e.get("args", {}).get("hlo_module") == module]
+    layout = "host thunks" if platform == "cpu" else "device kernels"
+    ops = [e for e in complete if e.get("pid") in pids
+           and e.get("args", {}).get("hlo_module") == module]
     if not ops:
-        raise DeviceTraceError(f"the trace holds no {'device ' if device_pids else ''}events of "
-                               f"module {module!r}")
+        raise DeviceTraceError(f"the trace holds no events of module {module!r} on a "
+                               f"{prefix} process")
     ops.sort(key=lambda e: float(e["ts"]))
     if all("run_id" in e.get("args", {}) for e in ops):
         groups: dict[str, list[dict]] = {}

@@ -56,6 +56,7 @@ class TimingPolicy:
     flush_bytes: int = 0  # > 0: rewrite a buffer this large before every timed call
     cache_bytes: int = 0  # the cache rotated input sets must exceed to count as cold
     cacheless: bool = False  # the device reads its memory through no cache (TPU v5e-v7x)
+    platform: str = "cpu"  # whose trace events the profiler timer reads
 
     def __post_init__(self):
         if self.timer not in ("profiler", "wall"):
@@ -79,7 +80,7 @@ class TimingPolicy:
         if platform == "cpu":
             flush = 2 * host_cache_bytes if cache == "cold" else 0
         return cls(timer, flush, device_cache or host_cache_bytes,
-                   cacheless=platform == "tpu" and not device_cache)
+                   cacheless=platform == "tpu" and not device_cache, platform=platform)
 
 
 class _CacheFlush:
@@ -132,7 +133,8 @@ def time_call(
     note = ""
     if policy.timer == "profiler":
         try:
-            samples, walls = _profiled(compiled, input_sets, repeats, max_seconds, flush)
+            samples, walls = _profiled(compiled, input_sets, repeats, max_seconds, flush,
+                                       policy.platform)
             return dataclasses.replace(_summary(samples, "profiler", cache, ""),
                                        wall_median_us=float(np.median(walls)))
         except (DeviceTraceError, RuntimeError, ValueError, OSError) as error:
@@ -158,7 +160,8 @@ def _wall_clocked(compiled, input_sets, repeats, max_seconds, flush) -> list[flo
     return samples
 
 
-def _profiled(compiled, input_sets, repeats, max_seconds, flush) -> tuple[list[float], list[float]]:
+def _profiled(compiled, input_sets, repeats, max_seconds, flush,
+              platform: str) -> tuple[list[float], list[float]]:
     """(device µs, wall µs) of each timed call, the calls run inside one profiler session."""
     module = hlo_module_name(compiled)
     walls = []
@@ -176,7 +179,7 @@ def _profiled(compiled, input_sets, repeats, max_seconds, flush) -> tuple[list[f
                 if max_seconds is not None and spent > max_seconds and len(walls) >= 3:
                     break
         events = load_trace(folder)
-    times, _ = execution_times_us(events, module, len(walls))
+    times, _ = execution_times_us(events, module, len(walls), platform)
     return times, walls
 
 
