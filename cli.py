@@ -214,14 +214,25 @@ def bench(
         None, "--set", metavar="FIELD=VALUE",
         help="Change a field of the problem, named as in a sweep file's problem entry "
              "(repeatable): --set model=starcoder-15b --set context=4096 --set batch=1."),
+    timer: str = typer.Option("auto", help="profiler (the device's clock), wall, or auto: "
+                                           "profiler on GPU/TPU, wall on CPU."),
+    cache: str = typer.Option("auto", help="cold (flush the device cache before each call), "
+                                           "warm, or auto: cold on GPU."),
 ) -> None:
     """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
     from attnbench.tuner.measure import roofline
     from attnbench.tuner.measure.bench import BENCH_PROBLEMS, bench_problem, run_bench
     from attnbench.tuner.plan.sweep_file import SweepFileError
 
+    from attnbench.tuner.measure.timing import CACHE_MODES, TIMERS
+
     if problem not in BENCH_PROBLEMS:
         raise typer.BadParameter(f"choose from {list(BENCH_PROBLEMS)}", param_hint="PROBLEM")
+    if timer not in TIMERS:
+        raise typer.BadParameter(f"choose from {list(TIMERS)}, got {timer!r}", param_hint="--timer")
+    if cache not in CACHE_MODES:
+        raise typer.BadParameter(f"choose from {list(CACHE_MODES)}, got {cache!r}",
+                                 param_hint="--cache")
     overrides = {}
     for assignment in set_ or []:
         field, equals, value = assignment.partition("=")
@@ -237,13 +248,19 @@ def bench(
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
     best = None
-    for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed):
+    for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
+                         timer=timer, cache=cache):
         if row.timing is None:
             typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
             continue
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
-                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e}")
+                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e} "
+                   f"[{row.timing.timer} timer, {row.timing.cache} cache"
+                   + (f", wall {row.timing.wall_median_us:.0f} us"
+                      if row.timing.wall_median_us is not None else "") + "]")
+        if row.timing.timer_note:
+            typer.echo(f"    note: {row.timing.timer_note}")
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
     if best is None:
@@ -295,9 +312,13 @@ def sweep(
             path = sweep_file
         else:
             environment = probe_environment(measure_bandwidth=False)
-            path = sweep_files.sweep_for_device(environment["device_kind"],
-                                                environment["device_kind_raw"])
-            typer.echo(f"device {environment['device_kind']}: using {path}")
+            chosen = sweep_files.choose_device_sweep(environment["device_kind"],
+                                                     environment["device_kind_raw"],
+                                                     environment["platform"])
+            path = chosen.path
+            if chosen.warning:
+                typer.echo(f"warning: {chosen.warning}", err=True)
+            typer.echo(f"device {environment['device_kind']}: using {path} ({chosen.match})")
         if dry_run:
             runner.dry_run(path, shard=_parse_shard(shard), echo=typer.echo)
             return
@@ -416,11 +437,25 @@ def selftest(
         None, help="Whose problems to test on (default: the shipped CPU sweep, sweeps/cpu.yaml)."),
     seed: int = typer.Option(0, help="Seed of the inputs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per mutant."),
+    device: bool = typer.Option(
+        False, "--device",
+        help="Instead: check this host's accelerator offline: every native variant against "
+             "the reference, one problem timed with both timers, a short sweep of the device "
+             "(from SWEEP_FILE if given, else the device's own); writes one JSON report."),
+    out: Optional[Path] = typer.Option(
+        None, help="With --device: the report folder (default results/selftest/<time>)."),
 ) -> None:
     """Test the correctness gate: run deliberately wrong kernels (one bad key, window, soft
-    cap, sinks, GQA, causal, page table) on a sweep's problems; count how many it catches."""
+    cap, sinks, GQA, causal, page table) on a sweep's problems; count how many it catches.
+    With --device, test this host's accelerator instead."""
     from attnbench.tuner.measure.mutants import run_mutants
     from attnbench.tuner.plan import sweep_file as sweep_files
+
+    if device:
+        _device_selftest(sweep_file, out, seed)
+        return
+    if out is not None:
+        raise typer.BadParameter("--out is for --device only", param_hint="--out")
 
     path = sweep_file or sweep_files.sweeps_dir() / "cpu.yaml"
     try:
@@ -452,6 +487,25 @@ def selftest(
         raise typer.Exit(1)
 
 
+def _device_selftest(sweep_file: Optional[Path], out: Optional[Path], seed: int) -> None:
+    import datetime
+
+    from attnbench.tuner.device_selftest import run_device_selftest
+    from attnbench.tuner.errors import SweepError
+    from attnbench.tuner.plan.sweep_file import SweepFileError
+
+    if out is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = Path("results") / "selftest" / stamp
+    try:
+        report = run_device_selftest(out, sweep_path=sweep_file, seed=seed, echo=typer.echo)
+    except (SweepError, SweepFileError, FileNotFoundError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -476,3 +530,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+

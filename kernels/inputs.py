@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .jax_compat import is_tracer
+
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 FEATURES = ("sliding_window", "logits_soft_cap", "sinks")
 # Positions are int32 in every kernel: a window reaching further back than that sees every
@@ -61,7 +63,7 @@ def as_int32(name: str, array: Any) -> jax.Array:
     dtype = np.dtype(array.dtype)
     if dtype == np.int32 or dtype.itemsize < 4:  # every value fits
         return jnp.asarray(array, jnp.int32)
-    if isinstance(array, jax.core.Tracer):
+    if is_tracer(array):
         raise TypeError(f"{name} must be int32 under jit (values of {dtype.name} cannot be "
                         f"checked for int32 overflow there), got dtype {dtype.name}")
     values = np.asarray(array)

@@ -26,7 +26,7 @@ from typing import Any
 
 import platformdirs
 
-from . import registry
+from . import devices, registry
 from .platform import current_device_kind, current_platform
 from .table import Entry, Table, TableError, key_distance, key_text, make_key, read_table
 from .tunables import KernelConfig
@@ -151,6 +151,19 @@ def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None
     return None
 
 
+def _from_family_tables(shape, key, variant_name, platform, interpret) -> Choice | None:
+    """A sibling chip's tuned entry when this device kind has none (an H200 takes an H100's:
+    same SMs and shared memory), the sibling named in its source."""
+    own = key["device_kind"]
+    family = devices.family_of(own)
+    for sibling in devices.siblings_of(own):
+        found = _from_tables(shape, make_key(shape, sibling), variant_name, platform, interpret)
+        if found is not None:
+            source = f"{found.source} (tuned on {sibling}, same chip family {family}: no table for {own})"
+            return dataclasses.replace(found, key=key, source=source)
+    return None
+
+
 _warned_keys: set[str] = set()
 
 
@@ -212,6 +225,8 @@ def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform
         return Choice(chosen, _config_from(chosen, dict(frozen_config), shape), key,
                       "explicit config")
     found = _from_tables(shape, key, variant_name, platform, interpret)
+    if found is None:
+        found = _from_family_tables(shape, key, variant_name, platform, interpret)
     if found is not None:
         return found
     chosen = _require_support(fallback, shape, platform, interpret)

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .jax_compat import is_tracer
 from .lookup import choose
 
 
 def _is_concrete(*arrays: Any) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+    return not any(is_tracer(a) for a in arrays)
 
 
 def _raise_problems(function_name: str, problems: list[str]) -> None:

@@ -51,12 +51,19 @@ def padded_tile_bytes(rows: int, cols: int, dtype: str) -> int:
 
 
 def vmem_budget_bytes() -> int:
-    """The VMEM a config may plan for on this target (see SCOPED_VMEM_BYTES)."""
-    from .platform import current_device_kind, current_platform
+    """The VMEM a config may plan for on this target (see SCOPED_VMEM_BYTES).
+
+    The target is the one `platform.lowering_for` names, else this process's backend if it
+    already has one. It never creates a backend: the sweep's parent plans configs with this
+    and must not take a TPU its workers need (it plans under `lowering_for` the probed kind).
+    """
+    from .jax_compat import backends_initialized
+    from .platform import current_device_kind, current_platform, lowering_target
 
     budget = min(SCOPED_VMEM_BYTES.values())
-    if current_platform() == "tpu":
-        budget = SCOPED_VMEM_BYTES.get(current_device_kind(), budget)
+    if lowering_target() is not None or backends_initialized():
+        if current_platform() == "tpu":
+            budget = SCOPED_VMEM_BYTES.get(current_device_kind(), budget)
     return int(budget * VMEM_SAFETY_FRACTION)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import importlib.util
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 
 from attnbench import kernels
 
-HAS_TRITON = all(importlib.util.find_spec(m) for m in ("triton", "torch"))
 GARBAGE = (np.nan, 1e30, -np.inf, np.inf)
 
 
@@ -52,8 +50,7 @@ DECODE_CASES = [
     *[("xla_blocked", {"contraction": c, "kv_block_size": 64, "blocks_per_step": 2})
       for c in ("fused_reduce", "head_major_dot", "key_major_dot", "block_diagonal_dot")],
     ("pallas_tpu", {"kv_block_size": 64}),
-    pytest.param("triton_splitkv", None,
-                 marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton and torch")),
+    pytest.param("triton_splitkv", None),
 ]
 
 
@@ -112,8 +109,7 @@ PAGED_CASES = [
     ("reference", None, False), ("xla_blocked", None, False),
     ("xla_blocked", {"page_copy": "heads"}, False), ("xla_decode", None, True),
     ("pallas_tpu", None, False),
-    pytest.param("triton", None, False,
-                 marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton and torch")),
+    pytest.param("triton", None, False),
 ]
 PAGED_KWARGS = {"sliding_window": 12, "logits_soft_cap": 5.0}
 
@@ -316,9 +312,7 @@ def test_constraints_bound_every_intermediate(text, words):
 
 
 def test_compare_of_sides_with_nothing_in_common_fails(tmp_path):
-    # The report module is being moved; until it imports again this cannot run.
-    compare = pytest.importorskip("attnbench.tuner.compare")
-    CompareError, compare_paths = compare.CompareError, compare.compare_paths
+    from attnbench.tuner.report.compare import CompareError, compare_paths
 
     other = dict(_GOOD_ENTRY, key=dict(_GOOD_ENTRY["key"], q_heads=8), time_us=3.0)
     for name, entry in (("a.json", dict(_GOOD_ENTRY, time_us=2.0)), ("b.json", other)):

@@ -132,7 +132,7 @@ class _Run:
                     else:
                         task = worker.Task(worker.VariantRef.of(candidate.variant),
                                            candidate.config, timing.warmup, repeats,
-                                           timing.max_seconds)
+                                           timing.max_seconds, timing.timer, timing.cache)
                         record["worker_pid"] = current.process.pid
                         record.update(current.measure(task, timing.timeout_s))
                     self.record(record, progress, label)
@@ -204,7 +204,8 @@ def dry_run(sweep_path: Path, *, shard: tuple[int, int] = (0, 1), echo: Echo = p
     for warning in spec.warnings:
         echo(f"warning: {warning}")
     environment = processes.probe_environment(measure_bandwidth=False)
-    for line in describe_plan(spec, plan(spec, shard, environment["platform"])):
+    plans = plan(spec, shard, environment["platform"], environment["device_kind"])
+    for line in describe_plan(spec, plans):
         echo(line)
 
 
@@ -280,7 +281,7 @@ def _resume_in(run_dir: Path, install_winners: bool, echo: Echo) -> None:
 
 def _execute(run_dir: Path, spec: SweepSpec, run: dict[str, Any], environment: dict[str, Any],
              install_winners: bool, echo: Echo) -> None:
-    plans = plan(spec, tuple(run["shard"]), environment["platform"])
+    plans = plan(spec, tuple(run["shard"]), environment["platform"], run["device_kind"])
     if environment["platform"] == "gpu":
         verdicts = static_check.check_before_sweep(run_dir / run_files.SWEEP_COPY, run_dir,
                                                    run["device_kind"], tuple(run["shard"]), echo)

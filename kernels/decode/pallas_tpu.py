@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from .inputs import DecodeArgs, DecodeShape
+from ..jax_compat import tpu_compiler_params
 from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
 from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
@@ -210,7 +211,7 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), jnp.float32),
         # Operand indices count the two scalar-prefetch arrays first.
         input_output_aliases={2 + len(operands) - 1: 0},
-        compiler_params=pltpu.CompilerParams(
+        compiler_params=tpu_compiler_params(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret_params(interpret),
         name="attnbench_decode_pallas_tpu",

@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..jax_compat import tpu_compiler_params
 from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
 from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
@@ -323,7 +324,7 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
         # Operand indices count the two scalar-prefetch arrays first.
         input_output_aliases={2 + len(operands) - 1: 0},
         # Work items of one query block share its output block and scratch: sequential.
-        compiler_params=pltpu.CompilerParams(
+        compiler_params=tpu_compiler_params(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret_params(interpret),
         name="attnbench_paged_pallas_tpu",

@@ -29,7 +29,13 @@ CSV_COLUMNS = ("problem_id", "problem", "variant", "config", "target", "status",
 
 def target_for_device(device_kind: str) -> cuda_check.CudaTarget | None:
     """The CUDA target of a normalized device kind ('nvidia-h100' -> sm_90), if known."""
-    aliases = {"nvidia-h200": "nvidia-h100", "nvidia-a800": "nvidia-a100"}
+    # Chips of one compute capability share a target.
+    aliases = {"nvidia-h200": "nvidia-h100", "nvidia-gh200": "nvidia-h100",
+               "nvidia-h800": "nvidia-h100", "nvidia-h20": "nvidia-h100",
+               "nvidia-a800": "nvidia-a100", "nvidia-a30": "nvidia-a100",
+               "nvidia-a10g": "nvidia-a10", "nvidia-a40": "nvidia-a10",
+               "nvidia-rtx-3090": "nvidia-a10", "nvidia-l40": "nvidia-l4",
+               "nvidia-l40s": "nvidia-l4", "nvidia-rtx-4090": "nvidia-l4"}
     kind = aliases.get(device_kind, device_kind)
     for target in cuda_check.TARGETS.values():
         if target.device_kind == kind:

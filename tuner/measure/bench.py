@@ -13,14 +13,15 @@ from typing import Any
 import jax
 
 from attnbench.kernels import registry
-from attnbench.kernels.platform import current_platform
+from attnbench.kernels.jax_compat import compile_with_device_events
+from attnbench.kernels.platform import current_device_kind, current_platform
 from attnbench.kernels.tunables import KernelConfig, sample_configs
 
 from . import roofline
 from .accuracy import judge
 from .input_sets import rotated_input_sets
 from ..plan.sweep_file import problem_from_entry
-from .timing import Timing, time_call
+from .timing import Timing, TimingPolicy, time_call
 
 # The benchmark problems: Llama-3-8B heads at batch 8 and 8K context, ragged, as a decode
 # batch, a paged decode batch and a paged batch with prefill chunks. Each is (operator,
@@ -64,20 +65,29 @@ class BenchRow:
 
 
 def compile_call(op: str, variant: str, config: KernelConfig | None, args: tuple,
-                 kwargs: dict) -> Callable:
-    """The ahead-of-time compiled operator call for these inputs (compile time excluded later)."""
+                 kwargs: dict, device_events: bool = False) -> Callable:
+    """The ahead-of-time compiled operator call for these inputs (compile time excluded
+    later), with profiler events where the platform emits them only on request."""
     operator = registry.get_operator(op).function
     config_dict = None if config is None else config.to_dict()
 
     def call(*arrays):
         return operator(*arrays, variant=variant, config=config_dict, **kwargs)
 
-    return jax.jit(call).lower(*args).compile()
+    lowered = jax.jit(call).lower(*args)
+    return compile_with_device_events(lowered, current_platform()) if device_events else lowered.compile()
 
 
 def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 0,
-              repeats: int = 10, seed: int = 0) -> Iterator[BenchRow]:
-    """Yields one row per (variant, config): heuristic default first, then `sample` random."""
+              repeats: int = 10, seed: int = 0, timer: str = "auto",
+              cache: str = "auto") -> Iterator[BenchRow]:
+    """Yields one row per (variant, config): heuristic default first, then `sample` random.
+
+    `timer` and `cache` as in a sweep file's timing (timing.TimingPolicy.for_device)."""
+    policy = TimingPolicy.for_device(current_platform(), current_device_kind(), timer=timer,
+                                     cache=cache,
+                                     host_cache_bytes=roofline.last_level_cache_bytes())
+    events = policy.timer == "profiler"
     op = problem.op
     args, kwargs = problem.make_inputs(seed)
     shape = problem.shape(seed)
@@ -102,7 +112,7 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
                     if c != configs[0]]
         for config in configs:
             try:
-                compiled = compile_call(op, variant.name, config, args, kwargs)
+                compiled = compile_call(op, variant.name, config, args, kwargs, events)
                 accuracy = judge(compiled(*args), reference, problem.dtype,
                                  zero_rows=zero_rows, key_ranges=key_ranges)
             except Exception as error:  # noqa: BLE001 -- a failing config is a result
@@ -113,6 +123,7 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
                 yield BenchRow(variant.name, config.to_dict(), None, accuracy.relative_error,
                                "wrong", floor)
                 continue
-            timing = time_call(compiled, input_sets, repeats=repeats)
+            timing = time_call(compiled, input_sets, repeats=repeats, policy=policy,
+                               bytes_per_call=moved)
             yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
                            "ok", floor)

@@ -126,6 +126,8 @@ class Task:
     warmup: int
     repeats: int
     max_seconds: float | None
+    timer: str = "auto"  # see timing.TimingPolicy.for_device
+    cache: str = "auto"
 
 
 def _message(error: BaseException) -> str:
@@ -154,8 +156,14 @@ class _Problem:
         args, self.kwargs = problem.make_inputs(seed)
         self.bytes_moved = roofline.bytes_moved(problem.op, args, self.kwargs)
         self.floor_us = roofline.floor_us(self.bytes_moved, bandwidth) if bandwidth else None
+        from attnbench.kernels.devices import cache_bytes
+        from attnbench.kernels.platform import current_device_kind, current_platform
+
+        self.platform, self.device_kind = current_platform(), current_device_kind()
+        self.host_cache_bytes = roofline.last_level_cache_bytes()
         # Rotate inputs only where the problem fits in cache; large ones are cold anyway.
-        rotate = self.bytes_moved < 4 * roofline.last_level_cache_bytes()
+        cache = cache_bytes(self.device_kind, self.platform) or self.host_cache_bytes
+        rotate = self.bytes_moved < 4 * cache
         self.positional = len(args)
         _, trailing = with_array_keywords_last(None, self.positional, self.kwargs)  # arrays only
         self.input_sets = [tuple(a) + trailing
@@ -165,9 +173,11 @@ class _Problem:
         self.zero_rows = self.operator.zero_rows(args)
         self.key_ranges = self.operator.key_ranges(args, self.kwargs)
 
-    def compile(self, variant, config, output_dtype: str | None = None):
+    def compile(self, variant, config, output_dtype: str | None = None,
+                device_events: bool = False):
         """The AOT-compiled kernel call on these inputs, cast as the operator casts it
-        (to the query dtype, or `output_dtype`)."""
+        (to the query dtype, or `output_dtype`); with profiler events where the platform
+        emits them only on request (`device_events`)."""
         import jax
 
         from .input_sets import with_array_keywords_last
@@ -178,8 +188,17 @@ class _Problem:
             output = variant.kernel(prepared, config, interpret=False)
             return output.astype(output_dtype or operator_args[0].dtype)
 
+        from attnbench.kernels.jax_compat import compile_with_device_events
+
         call, _ = with_array_keywords_last(run_kernel, self.positional, self.kwargs)
-        return jax.jit(call).lower(*self.input_sets[0]).compile()
+        lowered = jax.jit(call).lower(*self.input_sets[0])
+        return compile_with_device_events(lowered, self.platform) if device_events else lowered.compile()
+
+    def policy(self, task: Task):
+        from .timing import TimingPolicy
+
+        return TimingPolicy.for_device(self.platform, self.device_kind, timer=task.timer,
+                                       cache=task.cache, host_cache_bytes=self.host_cache_bytes)
 
     def measure(self, task: Task) -> dict[str, Any]:
         import jax
@@ -195,7 +214,8 @@ class _Problem:
                 variant = task.variant.resolve()
                 config = variant.config_class.from_mapping(task.config)
                 began = time.perf_counter()
-                self.compiled[cache_key] = (self.compile(variant, config),
+                events = self.policy(task).timer == "profiler"
+                self.compiled[cache_key] = (self.compile(variant, config, device_events=events),
                                             time.perf_counter() - began)
             compiled, record["compile_s"] = self.compiled[cache_key]
         except Exception as error:  # noqa: BLE001 -- a failing config is a result
@@ -211,11 +231,14 @@ class _Problem:
             return {**record, "status": "wrong", "reason": verdict.reason}
         try:
             timing = time_call(compiled, self.input_sets, warmup=task.warmup,
-                               repeats=task.repeats, max_seconds=task.max_seconds)
+                               repeats=task.repeats, max_seconds=task.max_seconds,
+                               policy=self.policy(task), bytes_per_call=self.bytes_moved)
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
         record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
-                      p80_us=timing.p80_us, samples=timing.samples)
+                      p80_us=timing.p80_us, samples=timing.samples, timer=timing.timer,
+                      cache=timing.cache, timer_note=timing.timer_note,
+                      wall_median_us=timing.wall_median_us)
         return record
 
 

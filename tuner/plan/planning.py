@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
+
+from attnbench.kernels.platform import lowering_for
 
 from . import space
 from .sweep_file import SweepProblem, SweepSpec
@@ -28,13 +31,22 @@ class ProblemPlan:
         return [c for c in self.candidates if c.skip_reason is None]
 
 
-def plan(spec: SweepSpec, shard: tuple[int, int], platform: str) -> list[ProblemPlan]:
+def plan(spec: SweepSpec, shard: tuple[int, int], platform: str,
+         device_kind: str | None = None) -> list[ProblemPlan]:
+    """The problems of this shard with their candidate configs.
+
+    Validity rules that depend on the target (a TPU's VMEM budget) judge for `device_kind`
+    on `platform` when given: the parent knows the device only from a worker's probe and
+    must not ask JAX itself.
+    """
+    target = lowering_for(platform, device_kind) if device_kind else contextlib.nullcontext()
     plans = []
-    for problem in shard_problems(spec.problems, shard):
-        seed = space.problem_seed(spec, problem)
-        shape = problem.problem.shape(seed)
-        plans.append(ProblemPlan(problem, shape, seed,
-                                  space.problem_candidates(spec, problem, shape, platform)))
+    with target:
+        for problem in shard_problems(spec.problems, shard):
+            seed = space.problem_seed(spec, problem)
+            shape = problem.problem.shape(seed)
+            plans.append(ProblemPlan(problem, shape, seed,
+                                     space.problem_candidates(spec, problem, shape, platform)))
     return plans
 
 

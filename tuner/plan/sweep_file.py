@@ -55,6 +55,7 @@ import yaml
 from pydantic import BaseModel
 
 from attnbench.kernels import limited_files
+from attnbench.kernels.devices import fallback_names, family_of
 
 from attnbench.kernels import registry
 from attnbench.kernels.schema import located_problems
@@ -140,9 +141,12 @@ class SweepSpec:
 
 
 def device_matches(patterns: tuple[str, ...], device_kind: str, raw_kind: str = "") -> bool:
-    """Whether a normalized kind (or the raw device kind) matches any name or pattern."""
+    """Whether a normalized kind (or the raw device kind) matches any name or pattern, or
+    the file names the kind's chip family ('nvidia-hopper') or platform ('gpu') outright."""
     names = {device_kind.lower(), raw_kind.lower()} - {""}
-    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns for name in names)
+    if any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns for name in names):
+        return True
+    return bool(set(fallback_names(device_kind.lower())) & {p.lower() for p in patterns})
 
 
 # ---- Problems -------------------------------------------------------------------------------
@@ -443,12 +447,30 @@ def quick_sweep_path() -> Path:
     return sweeps_dir() / "quick.yaml"
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceSweep:
+    """The shipped sweep file chosen for a device, and how it was matched."""
+
+    path: Path
+    match: str  # "exact", "pattern", "family <name>" or "generic <platform>"
+    warning: str = ""  # set when the file was written for other chips
+
+
 def sweep_for_device(device_kind: str, raw_kind: str = "") -> Path:
-    """The shipped sweep file for this device: an exact name in `devices` beats a pattern.
+    """The shipped sweep file for this device (see :func:`choose_device_sweep`)."""
+    return choose_device_sweep(device_kind, raw_kind).path
+
+
+def choose_device_sweep(device_kind: str, raw_kind: str = "",
+                        platform: str | None = None) -> DeviceSweep:
+    """The shipped sweep file for this device: a file naming the kind beats one matching it
+    by pattern, then one naming its chip family, then the platform's generic file (with a
+    warning). On a GPU or TPU some file always serves; a CPU-side typo still fails.
 
     quick.yaml is never picked here (it is what `--quick` asks for).
     """
-    exact, patterned = [], []
+    by_match: dict[str, list[Path]] = {}
+    fallbacks = fallback_names(device_kind, platform)
     for path in sorted(sweeps_dir().glob("*.yaml")):
         if path.name == "quick.yaml":
             continue
@@ -456,12 +478,29 @@ def sweep_for_device(device_kind: str, raw_kind: str = "") -> Path:
         if problems or not isinstance(data, dict) or not isinstance(data.get("devices"), list):
             continue
         patterns = tuple(str(d) for d in data["devices"])
+        names = {p.lower() for p in patterns}
         if device_kind in patterns:
-            exact.append(path)
-        elif device_matches(patterns, device_kind, raw_kind):
-            patterned.append(path)
-    if exact or patterned:
-        return (exact or patterned)[0]
+            by_match.setdefault("exact", []).append(path)
+        elif any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns
+                 for name in {device_kind.lower(), raw_kind.lower()} - {""}):
+            by_match.setdefault("pattern", []).append(path)
+        else:
+            for fallback in fallbacks:
+                if fallback in names:
+                    by_match.setdefault(fallback, []).append(path)
+    for match in ("exact", "pattern"):
+        if by_match.get(match):
+            return DeviceSweep(by_match[match][0], match)
+    for rank, fallback in enumerate(fallbacks):
+        if by_match.get(fallback):
+            path = by_match[fallback][0]
+            is_family = rank == 0 and fallback == family_of(device_kind)
+            what = "family" if is_family else "generic"
+            warning = "" if is_family else (
+                f"no sweep file is written for {device_kind!r} or its chip family; using the "
+                f"generic {fallback} sweep {path.name} (write a sweep file for this chip for "
+                "grids that suit it)")
+            return DeviceSweep(path, f"{what} {fallback}", warning)
     raise FileNotFoundError(
         f"no sweep file under {sweeps_dir()} lists device {device_kind!r}; pass a sweep file "
         "(attnbench sweep FILE.yaml) or use --quick")

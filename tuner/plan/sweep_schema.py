@@ -6,7 +6,7 @@ variant plans; the models of ``timing`` and ``search`` are also the settings a r
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -35,6 +35,10 @@ class Timing(_Strict):
     max_seconds: PositiveNumber | None = 2.0  # time budget of the timed calls of one config
     timeout_s: PositiveNumber = 300.0  # wall clock of one config: compile, check and timing
     setup_timeout_s: PositiveNumber = 900.0  # preparing a problem: inputs and the reference
+    # The clock (auto: the device's own via the profiler on GPU/TPU, wall on CPU) and the
+    # cache state of each timed call (auto: cold on GPU, rotated inputs elsewhere).
+    timer: Literal["auto", "profiler", "wall"] = "auto"
+    cache: Literal["auto", "cold", "warm"] = "auto"
 
 
 def _share(value: Any) -> Any:
