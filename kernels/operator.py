@@ -27,6 +27,9 @@ class Operator(abc.ABC):
     # Names a sweep-file constraint may read besides tunables and the shared sizes.
     constraint_sizes_names: ClassVar[tuple[str, ...]]
     problem_class: ClassVar[type]  # the op's problem spec (make_inputs, shape, ...)
+    # Positions of arguments the call returns updated (its extra outputs, in order), to be
+    # donated under jit so they are updated in place; a timing loop feeds them back.
+    donated_args: ClassVar[tuple[int, ...]] = ()
 
     # ---- Calls --------------------------------------------------------------------------
 
@@ -46,6 +49,19 @@ class Operator(abc.ABC):
     @abc.abstractmethod
     def value_problems(self, shape: Any, *arrays: Any) -> list[str]:
         """Every out-of-range value among `value_arrays`, one sentence each."""
+
+    def split_result(self, result: Any) -> tuple[jax.Array, tuple]:
+        """A call's result as (the attention output the accuracy gate judges, the extra
+        outputs, which must equal the reference's bit for bit)."""
+        return result, ()
+
+    def join_result(self, output: jax.Array, extras: tuple) -> Any:
+        """The inverse of :meth:`split_result`."""
+        return output
+
+    def extra_names(self) -> tuple[str, ...]:
+        """Names of the extra outputs, for messages."""
+        return ()
 
     def zero_rows(self, args: tuple) -> np.ndarray | None:
         """Output rows the contract requires to be exactly zero (padding), as a bool mask

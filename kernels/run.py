@@ -45,7 +45,15 @@ def run_operator(operator, args: tuple, kwargs: dict[str, Any], *, variant: str 
     if validate:
         _check_values(operator, shape, operator.value_arrays(prepared))
     choice = choose(shape, variant=variant, config=config, interpret=interpret)
-    return choice.variant.kernel(prepared, choice.config, interpret=interpret).astype(output_dtype)
+    result = choice.variant.kernel(prepared, choice.config, interpret=interpret)
+    return cast_output(operator, result, output_dtype)
+
+
+def cast_output(operator, result: Any, output_dtype) -> Any:
+    """A kernel's result with its attention output cast to `output_dtype` (extra outputs,
+    such as an updated cache, keep their own dtypes)."""
+    output, extras = operator.split_result(result)
+    return operator.join_result(output.astype(output_dtype), extras)
 
 
 def check_inputs(op: str, *arrays: Any, **kwargs: Any) -> None:
