@@ -102,6 +102,14 @@ def write_new_tokens(args) -> jax.Array:
     under jit with the cache donated: one scatter of T positions, no copy)."""
     slabs = token_slabs(args.keys, args.values, args.kv_cache, args.k_scale, args.v_scale)
     page, row = write_slots(args)
+    dtype = args.kv_cache.dtype
+    if dtype.itemsize < 4 and jnp.issubdtype(dtype, jnp.floating):
+        # XLA:CPU scatters 16- and 8-bit floats by converting the whole cache to float32
+        # and back (0.8 s for a 170 MB cache); as same-width integers it writes T slots.
+        bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+        stored = jax.lax.bitcast_convert_type(args.kv_cache, bits)
+        stored = stored.at[page, row].set(jax.lax.bitcast_convert_type(slabs, bits), mode="drop")
+        return jax.lax.bitcast_convert_type(stored, dtype)
     return args.kv_cache.at[page, row].set(slabs, mode="drop")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,23 +26,32 @@ class Timing:
 
 def time_call(
     compiled: Callable, input_sets: Sequence[tuple], *, warmup: int = 2, repeats: int = 10,
-    max_seconds: float | None = None,
+    max_seconds: float | None = None, carry: Callable[[tuple, Any], tuple] | None = None,
 ) -> Timing:
     """Times `compiled(*inputs)` for inputs rotating over `input_sets`.
 
     Runs `warmup` untimed calls, then `repeats` timed ones; stops early (after at least 3)
-    once `max_seconds` of timed calls have passed.
+    once `max_seconds` of timed calls have passed. `carry(inputs, result)`, when given,
+    makes the inputs of that set's next call (a call that donates an input and returns it
+    updated, like a cache written in place, consumes the one it was given).
     """
     if not input_sets:
         raise ValueError("input_sets must hold at least one tuple of inputs")
+    input_sets = list(input_sets)
+
+    def call(index: int) -> None:
+        inputs = input_sets[index % len(input_sets)]
+        result = jax.block_until_ready(compiled(*inputs))
+        if carry is not None:
+            input_sets[index % len(input_sets)] = carry(inputs, result)
+
     for i in range(warmup):
-        jax.block_until_ready(compiled(*input_sets[i % len(input_sets)]))
+        call(i)
     samples = []
     spent = 0.0
     for i in range(repeats):
-        inputs = input_sets[i % len(input_sets)]
         began = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
+        call(i)
         elapsed = time.perf_counter() - began
         samples.append(elapsed * 1e6)
         spent += elapsed
