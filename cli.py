@@ -106,11 +106,14 @@ def lookup(
         operator = get_operator(op)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--op") from None
-    shape = operator.lookup_shape(
-        q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-        features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
-                                     "page_size": page_size, "max_seqs": max_seqs,
-                                     "cache_dtype": cache_dtype})
+    try:
+        shape = operator.lookup_shape(
+            q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+            features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
+                                         "page_size": page_size, "max_seqs": max_seqs,
+                                         "cache_dtype": cache_dtype})
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untuned case is reported below instead
         choice = choose(shape, variant=variant, device_kind=device_kind, platform=platform)

@@ -63,6 +63,13 @@ class Operator(abc.ABC):
         """Names of the extra outputs, for messages."""
         return ()
 
+    def plain_attention_inputs(self, args: tuple, kwargs: dict[str, Any]
+                               ) -> tuple[str, tuple, dict[str, Any]]:
+        """(operator name, args, kwargs) of a call of an operator without extra outputs that
+        returns this call's attention output (the gate's mutants are built on it); this
+        operator's own call when it has none."""
+        return self.name, args, kwargs
+
     def zero_rows(self, args: tuple) -> np.ndarray | None:
         """Output rows the contract requires to be exactly zero (padding), as a bool mask
         over the output's first axis, for inputs as the public function takes them; None

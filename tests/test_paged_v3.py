@@ -187,3 +187,13 @@ def test_table_key_holds_cache_dtype_and_packing():
     assert key_distance(int8_key, bf16_key) is None
     assert key_distance(int8_key, int8_key) == 0
     assert operator.key_field_problems({**int8_key, "packing": 2}, "key")
+
+
+def test_gate_catches_mutants_of_a_quantized_mixed_batch():
+    from attnbench.tuner.measure.mutants import run_mutants
+
+    problem = _tiny(num_seqs=3, max_len=64, prefill_fraction=0.34, mixed_fraction=0.34,
+                    prefill_chunk=6, cache_dtype="float8_e4m3fn", sliding_window=20)
+    catches = run_mutants(problem, seed=0)
+    assert len(catches) >= 8
+    assert all(c.caught for c in catches), [c for c in catches if not c.caught]

@@ -20,6 +20,7 @@ from ..tunables import cdiv
 from . import cache, inputs
 from .inputs import PagedV3Shape
 from .problem import PagedV3Problem
+from .reference import dequantized_pages
 
 _KV_CACHE = 3  # position of kv_cache among the public function's arguments
 
@@ -94,6 +95,14 @@ class PagedV3Operator(Operator):
     def extra_names(self):
         return ("kv_cache",)
 
+    def plain_attention_inputs(self, args, kwargs):
+        """The v2 operator's call on the cache after the write, dequantized to float32."""
+        prepared, _ = self.prepare(*args, **kwargs)
+        pages = dequantized_pages(prepared, cache.write_new_tokens(prepared))
+        paged_kwargs = {k: v for k, v in kwargs.items() if k not in ("k_scale", "v_scale")}
+        return PAGED.name, (prepared.queries, pages, prepared.context_lens, prepared.page_table,
+                            prepared.query_start_loc, prepared.distribution[2]), paged_kwargs
+
     def value_arrays(self, args):
         return (args.context_lens, args.page_table, args.query_start_loc, args.distribution)
 
@@ -131,10 +140,14 @@ class PagedV3Operator(Operator):
         tokens = sizes.get("tokens") or 1
         pages_per_seq = cdiv(sizes["max_len"], page_size)
         seqs = sizes.get("max_seqs") or tokens
+        cache_dtype = sizes.get("cache_dtype") or dtype
+        if cache_dtype not in cache.CACHE_PACKING:
+            raise ValueError(f"cache_dtype must be one of {list(cache.CACHE_PACKING)}, got "
+                             f"{cache_dtype!r}")
         return PagedV3Shape(num_tokens=tokens, max_seqs=seqs, pages_per_seq=pages_per_seq,
                             page_size=page_size, num_pages=seqs * pages_per_seq,
                             q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                            cache_dtype=sizes.get("cache_dtype") or dtype, features=features)
+                            cache_dtype=cache_dtype, features=features)
 
     def bytes_moved(self, args, kwargs):
         """The v2 floor over the cache's stored bytes (valid K/V rows read once, queries and

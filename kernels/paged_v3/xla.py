@@ -95,5 +95,6 @@ VARIANT = Variant(
     kernel=ragged_paged_attention_v3_xla,
     heuristic=heuristic,
     description="one scatter of the new tokens into the packed cache (in place when "
-                "donated), then the paged XLA kernels on the cache as stored",
+                "donated), then the paged XLA kernels on the cache as stored; caches float32, "
+                "bfloat16, float16, float8_e4m3fn, int8",
 )
