@@ -91,6 +91,8 @@ def list_variants(
 def lookup(
     op: str = typer.Option(..., help="The operator: decode, paged, ..."),
     dtype: str = typer.Option("bfloat16", help="Key/value dtype."),
+    cache_dtype: Optional[str] = typer.Option(
+        None, help="paged_v3: the cache's stored dtype (default: --dtype)."),
     q_heads: int = typer.Option(..., min=1, help="Query heads Hq."),
     kv_heads: int = typer.Option(..., min=1, help="Key/value heads Hkv."),
     head_dim: int = typer.Option(..., min=1, help="Head dim D."),
@@ -119,10 +121,14 @@ def lookup(
         operator = get_operator(op)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--op") from None
-    shape = operator.lookup_shape(
-        q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-        features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
-                                     "page_size": page_size, "max_seqs": max_seqs})
+    try:
+        shape = operator.lookup_shape(
+            q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+            features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
+                                         "page_size": page_size, "max_seqs": max_seqs,
+                                         "cache_dtype": cache_dtype})
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untuned case is reported below instead
         choice = choose(shape, variant=variant, device_kind=device_kind, platform=platform)
@@ -205,7 +211,9 @@ def demo(
 
 @app.command()
 def bench(
-    problem: str = typer.Argument("decode", help="decode, paged (decode-only batch) or paged-mixed."),
+    problem: str = typer.Argument(
+        "decode", help="decode, paged (decode-only batch), paged-mixed or paged-v3 (the paged "
+                       "decode batch with the cache write fused in)."),
     variant: Optional[list[str]] = typer.Option(None, help="Only these variants (repeatable)."),
     sample: int = typer.Option(0, help="Also time this many random valid configs per variant."),
     repeats: int = typer.Option(10, help="Timed calls per config."),

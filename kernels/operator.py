@@ -42,6 +42,9 @@ class Operator(abc.ABC):
     # Names a sweep-file constraint may read besides tunables and the shared sizes.
     constraint_sizes_names: ClassVar[tuple[str, ...]]
     problem_class: ClassVar[type]  # the op's problem spec (make_inputs, shape, ...)
+    # Positions of arguments the call returns updated (its extra outputs, in order), to be
+    # donated under jit so they are updated in place; a timing loop feeds them back.
+    donated_args: ClassVar[tuple[int, ...]] = ()
 
     # ---- Calls --------------------------------------------------------------------------
 
@@ -63,6 +66,12 @@ class Operator(abc.ABC):
         """Whether a call of this shape has no key any row could attend (an empty batch, an
         empty cache, no pages): its output is all zeros by the contract, with no kernel run."""
 
+    def no_work_result(self, args: Any, shape: Any, output_dtype) -> Any:
+        """The result of a call with no work (:meth:`has_no_work`), from normalized args."""
+        import jax.numpy as jnp
+
+        return jnp.zeros(self.output_shape(shape), output_dtype)
+
     @abc.abstractmethod
     def value_arrays(self, args: Any) -> tuple[jax.Array, ...]:
         """The index arrays :meth:`value_problems` reads (checked host side on request)."""
@@ -70,6 +79,26 @@ class Operator(abc.ABC):
     @abc.abstractmethod
     def value_problems(self, shape: Any, *arrays: Any) -> list[str]:
         """Every out-of-range value among `value_arrays`, one sentence each."""
+
+    def split_result(self, result: Any) -> tuple[jax.Array, tuple]:
+        """A call's result as (the attention output the accuracy gate judges, the extra
+        outputs, which must equal the reference's bit for bit)."""
+        return result, ()
+
+    def join_result(self, output: jax.Array, extras: tuple) -> Any:
+        """The inverse of :meth:`split_result`."""
+        return output
+
+    def extra_names(self) -> tuple[str, ...]:
+        """Names of the extra outputs, for messages."""
+        return ()
+
+    def plain_attention_inputs(self, args: tuple, kwargs: dict[str, Any]
+                               ) -> tuple[str, tuple, dict[str, Any]]:
+        """(operator name, args, kwargs) of a call of an operator without extra outputs that
+        returns this call's attention output (the gate's mutants are built on it); this
+        operator's own call when it has none."""
+        return self.name, args, kwargs
 
     def zero_rows(self, args: tuple) -> np.ndarray | None:
         """Output rows the contract requires to be exactly zero (padding), as a bool mask

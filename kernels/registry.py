@@ -23,11 +23,15 @@ from .paged import reference as paged_reference
 from .paged import triton_paged as paged_triton
 from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
+from .paged_v3 import operator as paged_v3_operator
+from .paged_v3 import reference as paged_v3_reference
+from .paged_v3 import xla as paged_v3_xla
 from .variant import Variant
 
 OPERATORS: tuple[Operator, ...] = (
     decode_operator.OPERATOR,
     paged_operator.OPERATOR,
+    paged_v3_operator.OPERATOR,
 )
 
 VARIANTS: tuple[Variant, ...] = (
@@ -41,6 +45,8 @@ VARIANTS: tuple[Variant, ...] = (
     paged_triton.VARIANT,
     paged_xla_blocked.VARIANT,
     paged_xla_decode.VARIANT,
+    paged_v3_reference.VARIANT,
+    paged_v3_xla.VARIANT,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).
@@ -51,6 +57,9 @@ DEFAULT_VARIANT: dict[tuple[str, str], str] = {
     ("paged", "cpu"): "xla_decode",
     ("paged", "gpu"): "triton",
     ("paged", "tpu"): "pallas_tpu",
+    ("paged_v3", "cpu"): "xla",
+    ("paged_v3", "gpu"): "xla",
+    ("paged_v3", "tpu"): "xla",
 }
 
 OPERATOR_NAMES = tuple(operator.name for operator in OPERATORS)

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .jax_compat import is_tracer
@@ -48,9 +47,17 @@ def run_operator(operator, args: tuple, kwargs: dict[str, Any], *, variant: str 
         _check_values(operator, shape, operator.value_arrays(prepared))
     if operator.has_no_work(shape):
         # Zero-sized arrays reach no kernel: some cannot tile or index an empty axis.
-        return jnp.zeros(operator.output_shape(shape), output_dtype)
+        return operator.no_work_result(prepared, shape, output_dtype)
     choice = choose(shape, variant=variant, config=config, interpret=interpret)
-    return choice.variant.kernel(prepared, choice.config, interpret=interpret).astype(output_dtype)
+    result = choice.variant.kernel(prepared, choice.config, interpret=interpret)
+    return cast_output(operator, result, output_dtype)
+
+
+def cast_output(operator, result: Any, output_dtype) -> Any:
+    """A kernel's result with its attention output cast to `output_dtype` (extra outputs,
+    such as an updated cache, keep their own dtypes)."""
+    output, extras = operator.split_result(result)
+    return operator.join_result(output.astype(output_dtype), extras)
 
 
 def check_inputs(op: str, *arrays: Any, **kwargs: Any) -> None:

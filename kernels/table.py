@@ -66,17 +66,21 @@ def key_text(key: dict[str, Any]) -> str:
     features = "+".join(key["features"]) or "none"
     sizes = " ".join(f"{axis}={key[axis]}" for axis in _operator(key["op"]).size_axes)
     page = f" page_size={key['page_size']}" if key.get("page_size") is not None else ""
+    shared = set(DISCRETE_FIELDS) | set(_operator(key["op"]).size_axes)
+    own = "".join(f" {field}={value}" for field, value in key.items() if field not in shared)
     return (f"{key['device_kind']}/{key['op']} {key['dtype']} Hq={key['q_heads']} "
-            f"Hkv={key['kv_heads']} D={key['head_dim']}{page} features={features} {sizes}")
+            f"Hkv={key['kv_heads']} D={key['head_dim']}{page}{own} features={features} {sizes}")
 
 
 def key_distance(wanted: dict[str, Any], candidate: dict[str, Any]) -> float | None:
     """log2 distance over the size axes, or None if a discrete field differs."""
-    for field in DISCRETE_FIELDS:
+    size_axes = _operator(wanted["op"]).size_axes
+    # The shared discrete fields and every field an op adds (key_fields) match exactly.
+    for field in set(DISCRETE_FIELDS) | (set(wanted) | set(candidate)) - set(size_axes):
         if wanted.get(field) != candidate.get(field):
             return None
     return sum(abs(math.log2(wanted[axis]) - math.log2(candidate[axis]))
-               for axis in _operator(wanted["op"]).size_axes)
+               for axis in size_axes)
 
 
 # ---- The schema ---------------------------------------------------------------------------

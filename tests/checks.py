@@ -6,11 +6,9 @@ import importlib
 
 import jax
 
-from attnbench import kernels
 from attnbench.kernels.registry import get_operator
-from attnbench.tuner.measure.accuracy import judge
+from attnbench.tuner.measure.accuracy import extras_problems, judge
 
-OPERATORS = {"decode": kernels.decode_attention, "paged": kernels.ragged_paged_attention}
 
 
 def require_test_extra(*modules: str) -> None:
@@ -33,19 +31,23 @@ def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret:
     """Runs `variant` (with `config`, or its heuristic default) on fresh inputs of `problem`
     and returns (output, reference, Accuracy). Fails the test if the output is not right."""
     args, kwargs = problem.make_inputs(seed)
-    operator = OPERATORS[problem.op]
+    spec = get_operator(problem.op)
+    operator = spec.function
     config_dict = None if config is None else dict(config.to_dict() if hasattr(config, "to_dict") else config)
 
     def call(*a):
         return operator(*a, variant=variant, config=config_dict, interpret=interpret, **kwargs)
 
-    out = jax.block_until_ready((jax.jit(call) if jit else call)(*args))
-    reference = jax.jit(lambda *a: operator(*a, variant="reference", **kwargs))(*args)
-    spec = get_operator(problem.op)
-    # The sweep's own judgement, padding rows (exact zeros) included.
+    out, extras = spec.split_result(jax.block_until_ready((jax.jit(call) if jit else call)(*args)))
+    reference, reference_extras = spec.split_result(
+        jax.jit(lambda *a: operator(*a, variant="reference", **kwargs))(*args))
+    # The sweep's own judgement, padding rows (exact zeros) included, extra outputs (an
+    # updated cache) bit for bit.
     accuracy = judge(out, reference, problem.dtype, zero_rows=spec.zero_rows(args),
                      key_ranges=spec.key_ranges(args, kwargs))
     assert accuracy.ok, (
         f"{problem.op}/{variant} config={config_dict} seed={seed} on {problem}: {accuracy.reason}")
+    wrong = extras_problems(spec, extras, reference_extras)
+    assert not wrong, f"{problem.op}/{variant} config={config_dict} seed={seed}: {wrong}"
     assert out.dtype == args[0].dtype
     return out, reference, accuracy

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from attnbench.kernels.registry import get_operator, variants
+from attnbench.kernels.registry import OPERATOR_NAMES, get_operator, variants
 from attnbench.tuner.measure.accuracy import RELATIVE_ERROR_BOUND, judge
 from attnbench.tuner.measure.mutants import reference_output, run_mutants
 from attnbench.tuner.plan.sweep_file import load_sweep, sweeps_dir
@@ -31,6 +31,10 @@ def _small(problem):
     else:
         fields.update(num_seqs=3, prefill_chunk=40,
                       prefill_fraction=0.34 if problem.prefill_fraction else 0.0)
+    if hasattr(problem, "mixed_fraction"):
+        # The operator with a written cache: one kind per stored dtype, all three bands.
+        fields.update(cache_dtype=problem.stored_dtype, page_size=16, prefill_fraction=0.34,
+                      mixed_fraction=0.33)
     return dataclasses.replace(problem, **fields)
 
 
@@ -50,7 +54,7 @@ def test_every_shipped_problem_kind_is_covered():
     ops = {p.op for p in KINDS}
     features = {(p.sliding_window is not None, p.logits_soft_cap is not None, p.sinks)
                 for p in KINDS}
-    assert ops == {"decode", "paged"}
+    assert ops == set(OPERATOR_NAMES)
     assert len(features) >= 4 and len(KINDS) >= 10
 
 
@@ -106,7 +110,8 @@ def test_correct_variants_pass_on_the_probed_inputs(dtype):
             config = variant.default_config(shape).to_dict()
             call = jax.jit(lambda *a, v=variant.name, c=config: operator.function(
                 *a, variant=v, config=c, **kwargs))
-            verdict = judge(call(*args), reference, dtype, zero_rows=operator.zero_rows(args),
+            output, _ = operator.split_result(call(*args))
+            verdict = judge(output, reference, dtype, zero_rows=operator.zero_rows(args),
                             key_ranges=operator.key_ranges(args, kwargs))
             assert verdict.ok, f"{variant.name} {config} on {problem}: {verdict.reason}"
             assert verdict.row_error < RELATIVE_ERROR_BOUND[dtype] / 2

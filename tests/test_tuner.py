@@ -424,16 +424,21 @@ def test_cli_quick_sweep_installs_what_lookup_reports(tmp_path):
     env.pop(lookup.TUNED_ENV, None)
     dry = _cli("sweep", "--quick", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert "total: 2 problems" in dry.stdout and "reference" in dry.stdout
+    assert "total: 3 problems" in dry.stdout and "reference" in dry.stdout
     run = _cli("sweep", "--quick", "--out", str(tmp_path / "run"), env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     table = read_table(tmp_path / "run" / records.TABLE_FILE)
     decode = [e for e in table.entries if e.op == "decode"]
-    assert len(table.entries) == 2 and len(decode) == 1
+    assert len(table.entries) == 3 and len(decode) == 1
     shown = _cli("lookup", "--op", "decode", "--q-heads", "8", "--kv-heads", "2",
                  "--head-dim", "64", "--batch", "2", "--max-len", "256", env=env)
     assert shown.returncode == 0, shown.stderr
     assert "source:  user tuned folder" in shown.stdout
     assert f"variant: {decode[0].variant}" in shown.stdout
+    # The v3 entry's key holds its cache dtype: lookup finds it only for that cache.
+    v3 = ["lookup", "--op", "paged_v3", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
+          "--tokens", "34", "--max-len", "128", "--page-size", "16", "--max-seqs", "4"]
+    assert "source:  user tuned folder" in _cli(*v3, "--cache-dtype", "int8", env=env).stdout
+    assert "source:  heuristic default" in _cli(*v3, env=env).stdout
     again = _cli("sweep", "--quick", "--out", str(tmp_path / "run"), env=env)
     assert again.returncode == 1 and "--resume" in again.stderr

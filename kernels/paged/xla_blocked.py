@@ -160,7 +160,13 @@ def gather_kv_block(kv_pages: jax.Array, page_ids: jax.Array,
 
 
 def compute_dtype(args: PagedArgs):
-    """The dtype the two products take their operands in (accumulation is always float32)."""
+    """The dtype the two products take their operands in (accumulation is always float32).
+
+    An 8-bit cache (float8, int8) is read in the queries' dtype: JAX has no implicit
+    promotion for float8, and every float8_e4m3fn and int8 value is exact in float16,
+    bfloat16 and float32."""
+    if jnp.dtype(args.kv_pages.dtype).itemsize == 1:
+        return jnp.dtype(args.queries.dtype)
     return jnp.promote_types(args.queries.dtype, args.kv_pages.dtype)
 
 

@@ -147,3 +147,23 @@ class _Where:
             first, end = (int(v) for v in self.ranges[row][:2])
             text += f" (keys {first}..{end - 1})" if end > first else " (no valid key)"
         return text
+
+
+def extras_problems(operator, extras, reference_extras) -> list[str]:
+    """Why a call's extra outputs (an updated cache) differ from the reference's: they
+    must be equal bit for bit (NaN where the reference has the same NaN)."""
+    problems = []
+    for name, got, want in zip(operator.extra_names(), extras, reference_extras):
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            problems.append(f"{name}: {got.dtype}{list(got.shape)} != reference "
+                            f"{want.dtype}{list(want.shape)}")
+            continue
+        differ = got.view(np.uint8).reshape(got.shape + (-1,)) != want.view(np.uint8).reshape(
+            want.shape + (-1,))
+        differ = differ.any(axis=-1)
+        if differ.any():
+            first = tuple(int(i) for i in np.argwhere(differ)[0])
+            problems.append(f"{name}: {int(differ.sum())} elements differ from the reference's "
+                            f"bit for bit, first at {list(first)}")
+    return problems

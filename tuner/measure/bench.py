@@ -18,8 +18,8 @@ from attnbench.kernels.platform import current_device_kind, current_platform
 from attnbench.kernels.tunables import KernelConfig, sample_configs
 
 from . import roofline
-from .accuracy import judge
-from .input_sets import rotated_input_sets
+from .accuracy import extras_problems, judge
+from .input_sets import copied, donation, rotated_input_sets
 from ..plan.sweep_file import problem_from_entry
 from .timing import Timing, TimingPolicy, time_call
 
@@ -34,6 +34,9 @@ BENCH_PROBLEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "paged-mixed": ("paged", {"model": "llama-3-8b", "num_seqs": 8, "context": 8192,
                               "page_size": 16, "lengths": "uniform", "min_len": 600,
                               "prefill_fraction": 0.25, "prefill_chunk": 512}),
+    # The paged decode batch again, the new tokens written by the call (compare with "paged").
+    "paged-v3": ("paged_v3", {"model": "llama-3-8b", "num_seqs": 8, "context": 8192,
+                              "page_size": 16, "lengths": "uniform", "min_len": 100}),
 }
 
 
@@ -56,7 +59,7 @@ class BenchRow:
     config: dict
     timing: Timing | None
     relative_error: float
-    status: str  # "ok", "wrong" or "error: ..."
+    status: str  # "ok", "wrong: <why>" or "error: ..."
     floor_us: float
 
     @property
@@ -67,14 +70,16 @@ class BenchRow:
 def compile_call(op: str, variant: str, config: KernelConfig | None, args: tuple,
                  kwargs: dict, device_events: bool = False) -> Callable:
     """The ahead-of-time compiled operator call for these inputs (compile time excluded
-    later), with profiler events where the platform emits them only on request."""
-    operator = registry.get_operator(op).function
+    later), donating the arguments the operator returns updated, with profiler events
+    where the platform emits them only on request."""
+    operator = registry.get_operator(op)
     config_dict = None if config is None else config.to_dict()
 
     def call(*arrays):
-        return operator(*arrays, variant=variant, config=config_dict, **kwargs)
+        return operator.function(*arrays, variant=variant, config=config_dict, **kwargs)
 
-    lowered = jax.jit(call).lower(*args)
+    donated, _ = donation(operator, len(args))
+    lowered = jax.jit(call, donate_argnums=donated).lower(*args)
     return compile_with_device_events(lowered, current_platform()) if device_events else lowered.compile()
 
 
@@ -93,8 +98,10 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     shape = problem.shape(seed)
     moved = roofline.bytes_moved(op, args, kwargs)
     floor = roofline.floor_us(moved, roofline.read_bandwidth())
-    reference = compile_call(op, "reference", None, args, kwargs)(*args)
     operator = registry.get_operator(op)
+    donated, carry = donation(operator, len(args))
+    reference, reference_extras = operator.split_result(
+        compile_call(op, "reference", None, args, kwargs)(*copied(args, donated)))
     zero_rows, key_ranges = operator.zero_rows(args), operator.key_ranges(args, kwargs)
     input_sets = [args]
     if moved < 4 * roofline.last_level_cache_bytes():
@@ -113,17 +120,20 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         for config in configs:
             try:
                 compiled = compile_call(op, variant.name, config, args, kwargs, events)
-                accuracy = judge(compiled(*args), reference, problem.dtype,
+                output, extras = operator.split_result(compiled(*copied(args, donated)))
+                accuracy = judge(output, reference, problem.dtype,
                                  zero_rows=zero_rows, key_ranges=key_ranges)
+                wrong_extras = extras_problems(operator, extras, reference_extras)
             except Exception as error:  # noqa: BLE001 -- a failing config is a result
                 yield BenchRow(variant.name, config.to_dict(), None, float("inf"),
                                f"error: {type(error).__name__}: {error}"[:200], floor)
                 continue
-            if not accuracy.ok:
+            if not accuracy.ok or wrong_extras:
                 yield BenchRow(variant.name, config.to_dict(), None, accuracy.relative_error,
-                               "wrong", floor)
+                               "wrong: " + (accuracy.reason or "; ".join(wrong_extras)), floor)
                 continue
-            timing = time_call(compiled, input_sets, repeats=repeats, policy=policy,
-                               bytes_per_call=moved)
+            timing = time_call(compiled, [copied(inputs, donated) for inputs in input_sets],
+                               repeats=repeats, policy=policy, bytes_per_call=moved,
+                               carry=carry)
             yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
                            "ok", floor)

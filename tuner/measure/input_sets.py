@@ -49,3 +49,27 @@ def with_array_keywords_last(function: Callable | None, positional: int, kwargs:
         return function(*inputs[:positional], **fixed, **arrays)
 
     return call, tuple(kwargs[name] for name in names)
+
+
+def donation(operator, positional: int) -> tuple[tuple[int, ...], Callable | None]:
+    """(donate_argnums, carry) for timing `operator`'s compiled calls: the arguments it
+    returns updated are donated, and `carry` puts each call's updated ones back in place of
+    the consumed inputs (timing.time_call)."""
+    donated = tuple(i for i in operator.donated_args if i < positional)
+    if not donated:
+        return (), None
+
+    def carry(inputs: tuple, result: Any) -> tuple:
+        _, extras = operator.split_result(result)
+        fresh = list(inputs)
+        for position, value in zip(donated, extras):
+            fresh[position] = value
+        return tuple(fresh)
+
+    return donated, carry
+
+
+def copied(inputs: tuple, positions: tuple[int, ...]) -> tuple:
+    """`inputs` with those positions copied, so a call that donates them leaves the
+    originals intact."""
+    return tuple(jnp.array(a, copy=True) if i in positions else a for i, a in enumerate(inputs))

@@ -22,6 +22,7 @@ import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,14 +109,16 @@ def _flush_of(num_bytes: int) -> _CacheFlush:
 def time_call(
     compiled: Callable, input_sets: Sequence[tuple], *, warmup: int = 2, repeats: int = 10,
     max_seconds: float | None = None, policy: TimingPolicy | None = None,
-    bytes_per_call: int = 0,
+    bytes_per_call: int = 0, carry: Callable[[tuple, Any], tuple] | None = None,
 ) -> Timing:
     """Times `compiled(*inputs)` for inputs rotating over `input_sets`.
 
     Runs `warmup` untimed calls, then `repeats` timed ones; stops early (after at least 3)
     once `max_seconds` of timed calls have passed. `policy` (default: wall clock, no flush)
     chooses the timer and cache handling; `bytes_per_call` (the memory one call moves)
-    decides whether rotation alone made the calls cold.
+    decides whether rotation alone made the calls cold. `carry(inputs, result)`, when
+    given, makes the inputs of that set's next call (a call that donates an input and
+    returns it updated, like a cache written in place, consumes the one it was given).
     """
     if not input_sets:
         raise ValueError("input_sets must hold at least one tuple of inputs")
@@ -123,8 +126,9 @@ def time_call(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     policy = policy or TimingPolicy()
     flush = _flush_of(policy.flush_bytes) if policy.flush_bytes else None
+    call = _Caller(compiled, input_sets, carry)
     for i in range(warmup):
-        jax.block_until_ready(compiled(*input_sets[i % len(input_sets)]))
+        call(i)
     if flush is not None or policy.cacheless:
         cache = "cold"
     else:
@@ -133,25 +137,38 @@ def time_call(
     note = ""
     if policy.timer == "profiler":
         try:
-            samples, walls = _profiled(compiled, input_sets, repeats, max_seconds, flush,
-                                       policy.platform)
+            samples, walls = _profiled(call, repeats, max_seconds, flush, policy.platform)
             return dataclasses.replace(_summary(samples, "profiler", cache, ""),
                                        wall_median_us=float(np.median(walls)))
         except (DeviceTraceError, RuntimeError, ValueError, OSError) as error:
             note = f"profiler timer unavailable, wall clock used: {type(error).__name__}: {error}"
-    samples = _wall_clocked(compiled, input_sets, repeats, max_seconds, flush)
+    samples = _wall_clocked(call, repeats, max_seconds, flush)
     return _summary(samples, "wall", cache, note[:500])
 
 
-def _wall_clocked(compiled, input_sets, repeats, max_seconds, flush) -> list[float]:
+class _Caller:
+    """Call i of a timing loop: the compiled call on input set i (mod the sets), waited for,
+    with `carry` making that set's next inputs from the result."""
+
+    def __init__(self, compiled, input_sets, carry):
+        self.compiled, self.input_sets, self.carry = compiled, list(input_sets), carry
+
+    def __call__(self, index: int) -> None:
+        slot = index % len(self.input_sets)
+        inputs = self.input_sets[slot]
+        result = jax.block_until_ready(self.compiled(*inputs))
+        if self.carry is not None:
+            self.input_sets[slot] = self.carry(inputs, result)
+
+
+def _wall_clocked(call: _Caller, repeats, max_seconds, flush) -> list[float]:
     samples = []
     spent = 0.0
     for i in range(repeats):
-        inputs = input_sets[i % len(input_sets)]
         if flush is not None:
             flush()
         began = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
+        call(i)
         elapsed = time.perf_counter() - began
         samples.append(elapsed * 1e6)
         spent += elapsed
@@ -160,10 +177,10 @@ def _wall_clocked(compiled, input_sets, repeats, max_seconds, flush) -> list[flo
     return samples
 
 
-def _profiled(compiled, input_sets, repeats, max_seconds, flush,
+def _profiled(call: _Caller, repeats, max_seconds, flush,
               platform: str) -> tuple[list[float], list[float]]:
     """(device µs, wall µs) of each timed call, the calls run inside one profiler session."""
-    module = hlo_module_name(compiled)
+    module = hlo_module_name(call.compiled)
     walls = []
     with tempfile.TemporaryDirectory(prefix="attnbench-trace-") as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -172,7 +189,7 @@ def _profiled(compiled, input_sets, repeats, max_seconds, flush,
                 if flush is not None:
                     flush()
                 began = time.perf_counter()
-                jax.block_until_ready(compiled(*input_sets[i % len(input_sets)]))
+                call(i)
                 elapsed = time.perf_counter() - began
                 walls.append(elapsed * 1e6)
                 spent += elapsed

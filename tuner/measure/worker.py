@@ -145,7 +145,7 @@ class _Problem:
         from attnbench.kernels.registry import get_operator
 
         from . import roofline
-        from .input_sets import rotated_input_sets, with_array_keywords_last
+        from .input_sets import copied, donation, rotated_input_sets, with_array_keywords_last
 
         self.problem = problem
         self.operator = get_operator(problem.op)
@@ -168,8 +168,12 @@ class _Problem:
         _, trailing = with_array_keywords_last(None, self.positional, self.kwargs)  # arrays only
         self.input_sets = [tuple(a) + trailing
                            for a in rotated_input_sets(args, seed, 3 if rotate else 1)]
+        self.donated, self.carry = donation(self.operator, self.positional)
         reference = self.compile(self.operator.reference, None, output_dtype="float32")
-        self.reference = np.asarray(jax.block_until_ready(reference(*self.input_sets[0])))
+        output, extras = self.operator.split_result(
+            jax.block_until_ready(reference(*copied(self.input_sets[0], self.donated))))
+        self.reference = np.asarray(output)
+        self.reference_extras = tuple(np.asarray(e) for e in extras)
         self.zero_rows = self.operator.zero_rows(args)
         self.key_ranges = self.operator.key_ranges(args, self.kwargs)
 
@@ -180,18 +184,20 @@ class _Problem:
         emits them only on request (`device_events`)."""
         import jax
 
+        from attnbench.kernels.run import cast_output
+
         from .input_sets import with_array_keywords_last
 
         def run_kernel(*operator_args, **operator_kwargs):
             # The operator's own checks, then the kernel directly (no table lookup).
             prepared, _ = self.operator.prepare(*operator_args, **operator_kwargs)
-            output = variant.kernel(prepared, config, interpret=False)
-            return output.astype(output_dtype or operator_args[0].dtype)
+            result = variant.kernel(prepared, config, interpret=False)
+            return cast_output(self.operator, result, output_dtype or operator_args[0].dtype)
 
         from attnbench.kernels.jax_compat import compile_with_device_events
 
         call, _ = with_array_keywords_last(run_kernel, self.positional, self.kwargs)
-        lowered = jax.jit(call).lower(*self.input_sets[0])
+        lowered = jax.jit(call, donate_argnums=self.donated).lower(*self.input_sets[0])
         return compile_with_device_events(lowered, self.platform) if device_events else lowered.compile()
 
     def policy(self, task: Task):
@@ -204,7 +210,8 @@ class _Problem:
         import jax
         import numpy as np
 
-        from .accuracy import judge
+        from .accuracy import extras_problems, judge
+        from .input_sets import copied
         from .timing import time_call
 
         record: dict[str, Any] = {"bytes_moved": self.bytes_moved, "floor_us": self.floor_us}
@@ -221,7 +228,9 @@ class _Problem:
         except Exception as error:  # noqa: BLE001 -- a failing config is a result
             return {**record, "status": "compile_error", "reason": _message(error)}
         try:
-            output = np.asarray(jax.block_until_ready(compiled(*self.input_sets[0])))
+            result = compiled(*copied(self.input_sets[0], self.donated))
+            output, extras = self.operator.split_result(jax.block_until_ready(result))
+            output = np.asarray(output)
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
         verdict = judge(output, self.reference, self.problem.dtype, self.tolerance,
@@ -229,10 +238,14 @@ class _Problem:
         record.update(relative_error=verdict.relative_error, max_abs_error=verdict.max_abs_error)
         if not verdict.ok:
             return {**record, "status": "wrong", "reason": verdict.reason}
+        wrong_extras = extras_problems(self.operator, extras, self.reference_extras)
+        if wrong_extras:
+            return {**record, "status": "wrong", "reason": "; ".join(wrong_extras)}
         try:
-            timing = time_call(compiled, self.input_sets, warmup=task.warmup,
-                               repeats=task.repeats, max_seconds=task.max_seconds,
-                               policy=self.policy(task), bytes_per_call=self.bytes_moved)
+            input_sets = [copied(inputs, self.donated) for inputs in self.input_sets]
+            timing = time_call(compiled, input_sets, warmup=task.warmup, repeats=task.repeats,
+                               max_seconds=task.max_seconds, policy=self.policy(task),
+                               bytes_per_call=self.bytes_moved, carry=self.carry)
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
         record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
