@@ -126,11 +126,25 @@ class Task:
     warmup: int
     repeats: int
     max_seconds: float | None
+    # A file lock held while timing (not while compiling): measuring processes that share
+    # a host's CPU take turns at the clock. None: this process is the host's only timer.
+    timing_lock: str | None = None
 
 
 def _message(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+
+
+def _timing_turn(path: str | None):
+    import contextlib
+
+    if path is None:
+        return contextlib.nullcontext()
+    import filelock
+
+    # An OS lock: a worker killed mid-timing (timeout, crash) releases it with its death.
+    return filelock.FileLock(path)
 
 
 class _Problem:
@@ -210,8 +224,9 @@ class _Problem:
         if not verdict.ok:
             return {**record, "status": "wrong", "reason": verdict.reason}
         try:
-            timing = time_call(compiled, self.input_sets, warmup=task.warmup,
-                               repeats=task.repeats, max_seconds=task.max_seconds)
+            with _timing_turn(task.timing_lock):
+                timing = time_call(compiled, self.input_sets, warmup=task.warmup,
+                                   repeats=task.repeats, max_seconds=task.max_seconds)
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
         record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
