@@ -97,7 +97,9 @@ class Measurer:
         if job.problem_id != self.problem_id:
             self._stop()
             self.problem_id, self.setup_failure = job.problem_id, None
-        return [self._measure_one(job, dataclasses.replace(task, timing_lock=self.timing_lock))
+        # Which actor measured it: its worker's pid alone is ambiguous across hosts.
+        return [{**self._measure_one(job, dataclasses.replace(task, timing_lock=self.timing_lock)),
+                 "actor_pid": os.getpid(), "host": socket.gethostname()}
                 for task in job.tasks]
 
     def _measure_one(self, job: Job, task: worker.Task) -> dict[str, Any]:
@@ -278,7 +280,8 @@ class RaySession:
         while queue or in_flight:
             while idle and queue:
                 actor = idle.pop(0)
-                batch = _pick(queue, actor.problem_id)
+                batch = _pick(queue, actor.problem_id,
+                              {a.problem_id for a in self.actors if a is not actor})
                 actor.problem_id = space.problem_id(batch.item.problem)
                 in_flight[actor.handle.measure.remote(self._job(state, batch))] = (actor,
                                                                                   batch)
@@ -362,9 +365,11 @@ class RaySession:
             return
 
 
-def _pick(queue: list[_Batch], problem_id: str | None) -> _Batch:
-    """The first batch of the problem the actor holds a worker for, else the first one."""
-    for index, batch in enumerate(queue):
-        if space.problem_id(batch.item.problem) == problem_id:
-            return queue.pop(index)
-    return queue.pop(0)
+def _pick(queue: list[_Batch], held: str | None, held_elsewhere: set[str]) -> _Batch:
+    """The batch for an idle actor: of the problem it holds a worker for, else of a problem
+    no actor holds (its inputs get built in parallel with the others'), else the first."""
+    for wanted in (lambda p: p == held, lambda p: p not in held_elsewhere, lambda p: True):
+        for index, batch in enumerate(queue):
+            if wanted(space.problem_id(batch.item.problem)):
+                return queue.pop(index)
+    raise AssertionError("an empty queue")

@@ -225,8 +225,11 @@ class _Problem:
             return {**record, "status": "wrong", "reason": verdict.reason}
         try:
             with _timing_turn(task.timing_lock):
+                began = time.time()
                 timing = time_call(compiled, self.input_sets, warmup=task.warmup,
                                    repeats=task.repeats, max_seconds=task.max_seconds)
+                # When the clock ran (wall time, seconds): shows who timed alongside whom.
+                record["timed_at"] = [began, time.time()]
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
         record.update(status="ok", reason="", median_us=timing.median_us, p20_us=timing.p20_us,
