@@ -42,6 +42,8 @@ from .state import Echo, RunState, base_record
 # Configs per batch at most: a batch's records come back together, so a driver killed
 # mid-batch loses (and measures again on resume) at most this many.
 _MAX_BATCH = 4
+# How long a replacement for a dead actor may take to start and probe its device.
+_REPLACEMENT_WAIT_S = 300.0
 # An object store only big enough for the small messages this backend sends.
 _LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 
@@ -153,7 +155,8 @@ class _Actor:
 
 
 class RaySession:
-    """A connection to a Ray cluster (or a Ray instance it starts) and its actors."""
+    """A connection to a Ray cluster (or a Ray instance it starts) and its actors. A Ray
+    already initialized in this process (by the caller) is used as it is."""
 
     def __init__(self, choice: BackendChoice, echo: Echo):
         self.choice, self.echo = choice, echo
@@ -257,9 +260,13 @@ class RaySession:
         self.replacements_left -= 1
         actor = self._new_actor(lost.options)
         try:
-            actor.environment = self.ray.get(actor.handle.probe.remote(False))
-        except self.ray.exceptions.RayError as error:
-            self.echo(f"\nray: a replacement actor failed to start: {error}")
+            # Bounded: a node that died takes its resources along, and the replacement
+            # would wait for them forever.
+            actor.environment = self.ray.get(actor.handle.probe.remote(False),
+                                             timeout=_REPLACEMENT_WAIT_S)
+        except (self.ray.exceptions.RayError, TimeoutError) as error:
+            self.echo(f"\nray: no replacement actor: {str(error).splitlines()[0]}")
+            self.ray.kill(actor.handle)
             return
         self.actors.append(actor)
 
