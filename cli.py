@@ -302,17 +302,25 @@ def sweep(
     check_only: bool = typer.Option(False, "--check-only",
                                     help="Only compile the sweep's GPU configs for the CUDA "
                                          "targets of its devices (attnbench check); run nothing."),
+    backend: str = typer.Option("local", help="local: one device of this host. ray: one actor "
+                                "per accelerator of a Ray cluster (pip install 'attnbench[ray]')."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto or HOST:PORT); "
+                                          "default: start Ray on this host. Needs --backend ray."),
+    workers: Optional[int] = typer.Option(None, help="Ray actors at most; on a CPU-only cluster, "
+                                          "how many CPU actors (default: one per CPU)."),
 ) -> None:
     """Tune this device: run a sweep file, record every measurement, install the winners."""
     from attnbench.tuner import sweep as runner
+    from attnbench.tuner.backends import BackendChoice
     from attnbench.tuner.measure.processes import probe_environment
     from attnbench.tuner.plan import sweep_file as sweep_files
 
     try:
+        choice = BackendChoice(backend, address, workers)
         if resume is not None:
             if sweep_file is not None or quick:
                 raise typer.BadParameter("--resume takes no sweep file and no --quick")
-            runner.resume_sweep(resume, install_winners=install, echo=typer.echo)
+            runner.resume_sweep(resume, install_winners=install, echo=typer.echo, backend=choice)
             return
         if quick:
             path = sweep_files.quick_sweep_path()
@@ -327,6 +335,9 @@ def sweep(
             if chosen.warning:
                 typer.echo(f"warning: {chosen.warning}", err=True)
             typer.echo(f"device {environment['device_kind']}: using {path} ({chosen.match})")
+        if choice.name != "local" and (dry_run or check_only):
+            raise typer.BadParameter("--dry-run and --check-only run nothing on a backend; "
+                                     "drop --backend", param_hint="--backend")
         if dry_run:
             runner.dry_run(path, shard=_parse_shard(shard), echo=typer.echo)
             return
@@ -342,7 +353,7 @@ def sweep(
                                    echo=typer.echo)
             return
         runner.start_sweep(path, out=out, shard=_parse_shard(shard), install_winners=install,
-                           echo=typer.echo)
+                           echo=typer.echo, backend=choice)
     except (sweep_files.SweepFileError, runner.SweepError, FileNotFoundError) as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None

@@ -5,7 +5,8 @@
         --(results: records)--> run folder --(selection)--> winners --(install)--> table
 
 Each problem gets a fresh worker process that keeps the problem's inputs and reference and
-measures candidates one at a time under a per-config timeout. A config that hangs is
+measures candidates one at a time under a per-config timeout (on this host, or on the actors
+of a Ray cluster: see backends/). A config that hangs is
 recorded `timeout`, one that kills its process `crashed`; the worker is replaced and the
 sweep goes on. Each record is fsynced as soon as it exists and carries a stable id (problem,
 variant, config, round), so `--resume` skips exactly what was done.
@@ -20,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from attnbench.kernels import registry
-from attnbench.kernels.table import key_text, make_key
+from attnbench.kernels.table import key_text
 
+from .backends import LOCAL, BackendChoice, open_session
+from .backends.state import RunState
 from .check import static_check
 from .errors import SweepError
-from .measure import processes, worker
-from .measure.accuracy import RELATIVE_ERROR_BOUND
+from .measure import processes
 from .plan import space
-from .plan.planning import ProblemPlan, describe_plan, plan
+from .plan.planning import describe_plan, plan
 from .plan.sweep_file import SweepSpec, load_sweep
-from .progress import SweepProgress
 from .results import records as run_files
 from .results.install import install, run_table, write_table
 from .results.lock import RunFolderLock
@@ -38,121 +39,6 @@ from .results.selection import select_winners
 Echo = Callable[[str], None]
 
 __all__ = ["SweepError", "dry_run", "finish", "merge_runs", "resume_sweep", "start_sweep"]
-
-
-# ---- Running --------------------------------------------------------------------------------
-
-
-def _base_record(run: dict[str, Any], item: ProblemPlan, candidate: space.Candidate,
-                 round_index: int, repeats: int) -> dict[str, Any]:
-    p = item.problem.problem
-    shape = item.shape
-    record = {
-        "id": space.measurement_id(item.problem, candidate.variant.name, candidate.config,
-                                   round_index),
-        "run_id": run["run_id"], "device_kind": run["device_kind"], "op": item.problem.op,
-        "problem_id": space.problem_id(item.problem), "problem": item.problem.label,
-        "model": item.problem.model, "max_len": p.max_len, "lengths": p.lengths,
-        "min_len": p.min_len, "q_heads": p.q_heads, "kv_heads": p.kv_heads,
-        "head_dim": p.head_dim, "dtype": p.dtype, "features": sorted(shape.features),
-        "variant": candidate.variant.name, "config": candidate.config,
-        "is_default": candidate.is_default, "round": round_index, "repeats": repeats,
-        "key": make_key(shape, run["device_kind"]),
-    }
-    record.update(p.record_fields(shape))
-    # How many sequences the problem serves, whatever the op calls them (batch, num_seqs):
-    # reports plot against it without knowing the op.
-    record["sequences"] = p.sequences
-    return record
-
-
-class _Run:
-    """The state of one sweep execution over a run folder."""
-
-    def __init__(self, run_dir: Path, spec: SweepSpec, run: dict[str, Any],
-                 environment: dict[str, Any], echo: Echo):
-        self.run_dir, self.spec, self.run, self.environment = run_dir, spec, run, environment
-        self.echo = echo
-        self.log = run_files.MeasurementLog(run_dir / run_files.LOG_FILE)
-        if self.log.repaired_bytes:
-            echo(f"repaired the measurement log: cut a half-written last line "
-                 f"({self.log.repaired_bytes} bytes)")
-        self.done = {r["id"]: r for r in run_files.read_records(self.log.path)}
-
-    def record(self, record: dict[str, Any], progress: SweepProgress, label: str,
-               sync: bool = True) -> None:
-        record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")
-        self.log.append(record, sync=sync)
-        self.done[record["id"]] = record
-        progress.step(record, label)
-
-    def run_problem(self, item: ProblemPlan, progress: SweepProgress) -> None:
-        spec, timing = self.spec, self.spec.timing
-        label = item.problem.label
-        dtype = item.problem.problem.dtype
-        tolerance = spec.tolerances.get(dtype, RELATIVE_ERROR_BOUND[dtype])
-        bandwidth = self.environment.get("read_bandwidth_bytes_per_s")
-        current: processes.Worker | None = None
-        setup_failure: str | None = None
-        for candidate in item.candidates:
-            if candidate.skip_reason is not None:
-                record = _base_record(self.run, item, candidate, 0, 0)
-                if record["id"] not in self.done:
-                    record.update(status=candidate.skip_status, reason=candidate.skip_reason)
-                    self.record(record, progress, label, sync=False)
-        self.log.sync()
-        round_candidates = item.runnable
-        try:
-            for round_index in range(space.round_count(spec.search)):
-                if round_index > 0:
-                    previous = {space.canonical([r["variant"], r["config"]]): r
-                                for r in self.done.values()
-                                if r.get("problem_id") == space.problem_id(item.problem)
-                                and r.get("round") == round_index - 1}
-                    round_candidates = space.survivors(round_candidates, previous,
-                                                       spec.search.keep)
-                repeats = space.round_repeats(spec.search, timing, round_index)
-                if round_index > 0:
-                    progress.grow(sum(
-                        1 for c in round_candidates
-                        if _base_record(self.run, item, c, round_index, repeats)["id"]
-                        not in self.done))
-                for candidate in round_candidates:
-                    record = _base_record(self.run, item, candidate, round_index, repeats)
-                    if record["id"] in self.done:
-                        continue
-                    if setup_failure is None and (current is None or not current.alive):
-                        current = processes.Worker(item.problem, item.seed, tolerance, bandwidth)
-                        setup_failure = current.wait_ready(timing.setup_timeout_s)
-                        if setup_failure:
-                            self.echo(f"\n{label}: {setup_failure}")
-                    if setup_failure:
-                        record.update(status="crashed", reason=setup_failure)
-                    else:
-                        task = worker.Task(worker.VariantRef.of(candidate.variant),
-                                           candidate.config, timing.warmup, repeats,
-                                           timing.max_seconds, timing.timer, timing.cache)
-                        record["worker_pid"] = current.process.pid
-                        record.update(current.measure(task, timing.timeout_s))
-                    self.record(record, progress, label)
-        finally:
-            if current is not None:
-                current.stop()
-
-    def execute(self, plans: list[ProblemPlan]) -> None:
-        # Later halving rounds join the total as they start (their size depends on results).
-        total = sum(len(p.candidates) for p in plans)
-        done_round0 = sum(1 for r in self.done.values() if r.get("round", 0) == 0)
-        done_later = len(self.done) - done_round0
-        progress = SweepProgress(total + done_later, done_round0 + done_later)
-        try:
-            for item in plans:
-                self.run_problem(item, progress)
-            progress.show("done", force=True)
-        finally:
-            progress.close()
-            self.log.close()
 
 
 def _now_tag() -> str:
@@ -210,14 +96,21 @@ def dry_run(sweep_path: Path, *, shard: tuple[int, int] = (0, 1), echo: Echo = p
 
 
 def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, int] = (0, 1),
-                install_winners: bool = True, echo: Echo = print) -> Path:
+                install_winners: bool = True, echo: Echo = print,
+                backend: BackendChoice = LOCAL) -> Path:
     """Runs a sweep file into a new run folder; returns the folder."""
     _check_shard(shard)
     spec = load_sweep(sweep_path)
     for warning in spec.warnings:
         echo(f"warning: {warning}")
+    with open_session(backend, echo) as session:
+        return _start(session, sweep_path, spec, out, shard, install_winners, echo)
+
+
+def _start(session, sweep_path: Path, spec: SweepSpec, out: Path | None,
+           shard: tuple[int, int], install_winners: bool, echo: Echo) -> Path:
     echo(f"sweep {spec.name} ({sweep_path}): probing the device and its read bandwidth")
-    environment = processes.probe_environment(measure_bandwidth=True)
+    environment = session.probe(spec.matches_device, measure_bandwidth=True)
     kind = environment["device_kind"]
     if not spec.matches_device(kind, environment["device_kind_raw"]):
         raise SweepError(f"{sweep_path} is for devices {list(spec.devices)}, but this device is "
@@ -231,12 +124,14 @@ def start_sweep(sweep_path: Path, *, out: Path | None = None, shard: tuple[int, 
                          f"that run with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunFolderLock(run_dir):
-        _start_in(run_dir, sweep_path, spec, environment, shard, run_id, install_winners, echo)
+        _start_in(session, run_dir, sweep_path, spec, environment, shard, run_id,
+                  install_winners, echo)
     return run_dir
 
 
-def _start_in(run_dir: Path, sweep_path: Path, spec: SweepSpec, environment: dict[str, Any],
-              shard: tuple[int, int], run_id: str, install_winners: bool, echo: Echo) -> None:
+def _start_in(session, run_dir: Path, sweep_path: Path, spec: SweepSpec,
+              environment: dict[str, Any], shard: tuple[int, int], run_id: str,
+              install_winners: bool, echo: Echo) -> None:
     kind = environment["device_kind"]
     shutil.copyfile(sweep_path, run_dir / run_files.SWEEP_COPY)
     run = {"run_id": run_id, "sweep_name": spec.name, "sweep_file": str(sweep_path),
@@ -250,20 +145,22 @@ def _start_in(run_dir: Path, sweep_path: Path, spec: SweepSpec, environment: dic
     run_files.write_json_atomic(run_dir / run_files.RUN_FILE, run)
     echo(f"device {kind}; read bandwidth "
          f"{environment.get('read_bandwidth_bytes_per_s', 0) / 1e9:.1f} GB/s; run folder {run_dir}")
-    _execute(run_dir, spec, run, environment, install_winners, echo)
+    _execute(session, run_dir, spec, run, environment, install_winners, echo)
 
 
-def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = print) -> Path:
-    """Finishes an interrupted run: what its log holds is kept, the rest is measured."""
+def resume_sweep(run_dir: Path, *, install_winners: bool = True, echo: Echo = print,
+                 backend: BackendChoice = LOCAL) -> Path:
+    """Finishes an interrupted run: what its log holds is kept, the rest is measured (with
+    either backend, whichever started it)."""
     run_dir = Path(run_dir)
     if not (run_dir / run_files.RUN_FILE).exists():
         raise SweepError(f"{run_dir} is not a run folder (no {run_files.RUN_FILE})")
-    with RunFolderLock(run_dir):
-        _resume_in(run_dir, install_winners, echo)
+    with RunFolderLock(run_dir), open_session(backend, echo) as session:
+        _resume_in(session, run_dir, install_winners, echo)
     return run_dir
 
 
-def _resume_in(run_dir: Path, install_winners: bool, echo: Echo) -> None:
+def _resume_in(session, run_dir: Path, install_winners: bool, echo: Echo) -> None:
     run = run_files.read_json(run_dir / run_files.RUN_FILE)
     environment = run_files.read_json(run_dir / run_files.ENVIRONMENT_FILE)
     spec = load_sweep(run_dir / run_files.SWEEP_COPY)
@@ -271,16 +168,16 @@ def _resume_in(run_dir: Path, install_winners: bool, echo: Echo) -> None:
         raise SweepError(f"{run_dir / run_files.SWEEP_COPY} changed since the run started")
     for warning in spec.warnings:
         echo(f"warning: {warning}")
-    here = processes.probe_environment(measure_bandwidth=False)
+    here = session.probe(lambda kind, raw: kind == run["device_kind"], measure_bandwidth=False)
     if here["device_kind"] != run["device_kind"]:
         raise SweepError(f"{run_dir} was measured on {run['device_kind']!r}; this device is "
                          f"{here['device_kind']!r}")
     echo(f"resuming {run['run_id']} in {run_dir}")
-    _execute(run_dir, spec, run, environment, install_winners, echo)
+    _execute(session, run_dir, spec, run, environment, install_winners, echo)
 
 
-def _execute(run_dir: Path, spec: SweepSpec, run: dict[str, Any], environment: dict[str, Any],
-             install_winners: bool, echo: Echo) -> None:
+def _execute(session, run_dir: Path, spec: SweepSpec, run: dict[str, Any],
+             environment: dict[str, Any], install_winners: bool, echo: Echo) -> None:
     plans = plan(spec, tuple(run["shard"]), environment["platform"], run["device_kind"])
     if environment["platform"] == "gpu":
         verdicts = static_check.check_before_sweep(run_dir / run_files.SWEEP_COPY, run_dir,
@@ -288,9 +185,15 @@ def _execute(run_dir: Path, spec: SweepSpec, run: dict[str, Any], environment: d
         if verdicts:
             echo(f"{static_check.prune(plans, verdicts)} configs skipped: they cannot compile "
                  "or launch on this GPU (skipped_static)")
-    state = _Run(run_dir, spec, run, environment, echo)
+    state = RunState(run_dir, spec, run, environment, echo)
+    progress = state.new_progress(plans)
     try:
-        state.execute(plans)
+        try:
+            session.run(state, plans, progress)
+            progress.show("done", force=True)
+        finally:
+            progress.close()
+            state.log.close()
     except KeyboardInterrupt:
         echo(f"\ninterrupted; continue with: attnbench sweep --resume {run_dir}")
         raise
