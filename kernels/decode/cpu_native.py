@@ -24,11 +24,14 @@ from .inputs import DecodeArgs, DecodeShape
 @dataclasses.dataclass(frozen=True)
 class CpuNativeConfig(KernelConfig):
     kv_block_size: int = tunable(
-        128, (32, 64, 128, 256, 512), POWER_OF_TWO,
-        "keys scored before one online-softmax update (the block's scores stay in L1)")
+        64, (32, 64, 128, 256), POWER_OF_TWO,
+        "keys scored before one online-softmax update (the block's scores and values stay "
+        "in L1/L2)")
     heads_per_task: int = tunable(
-        2, (1, 2, 4, 8), POWER_OF_TWO,
-        "KV heads of one sequence that one work item streams together")
+        8, (1, 2, 4, 8), POWER_OF_TWO,
+        "KV heads of one sequence that one work item streams together; the cache holds a "
+        "position's heads side by side, so more heads read it sequentially (about 2x the "
+        "bandwidth of one head per item on a 2-core Zen 4)")
     threads: int = tunable(
         0, (0, 1), int_in(0, 256), "threads that take work items (0: one per core)")
     kv_splits: int = tunable(
@@ -36,7 +39,7 @@ class CpuNativeConfig(KernelConfig):
         "parts each row's valid keys are cut into, computed as separate items and merged "
         "(parallel work for small batches)")
     prefetch_distance: int = tunable(
-        0, (0, 8, 32), int_in(0, 1024),
+        32, (0, 8, 32), int_in(0, 1024),
         "key positions ahead whose rows are prefetched (0: leave it to the hardware)")
 
     def invalid_reason(self, shape: DecodeShape) -> str | None:

@@ -188,12 +188,134 @@ struct Scratch {
   std::vector<float> scores, key, value, query;
   std::vector<uint16_t> query_bf16;
   std::vector<float> m, l, acc;
-  std::vector<int64_t> lo, hi;
 };
 
+// The largest of z[0..n) with NaN winning over everything (a NaN logit must reach the output).
+inline float block_max(const float* z, int64_t n) {
+  int64_t t = 0;
+  float result = kNegInf;
+  bool nan = false;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(kNegInf);
+  __mmask16 unordered = 0;
+  for (; t + 16 <= n; t += 16) {
+    const __m512 x = _mm512_loadu_ps(z + t);
+    unordered |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, x);
+  }
+  result = _mm512_reduce_max_ps(m);
+  nan = unordered != 0;
+#endif
+  for (; t < n; ++t) {
+    nan |= z[t] != z[t];
+    result = z[t] > result ? z[t] : result;
+  }
+  return nan ? kNaN : result;
+}
+
+#if defined(__AVX512F__)
+inline __m512 exp_approx(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  // max/min return their second operand when the first is NaN, so NaN would become a bound;
+  // the blend below puts it back.
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// z[t] = exp(z[t] - m) for t in [0, n); returns their sum. NaN in z stays NaN.
+inline float exp_and_sum(float* z, int64_t n, float m) {
+  int64_t t = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(z + t), shift);
+    const __mmask16 unordered = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    __m512 e = exp_approx(x);
+    e = _mm512_mask_blend_ps(unordered, e, x);
+    _mm512_storeu_ps(z + t, e);
+    total = _mm512_add_ps(total, e);
+  }
+  sum = _mm512_reduce_add_ps(total);
+#endif
+  for (; t < n; ++t) {
+    z[t] = exp_approx(z[t] - m);
+    sum += z[t];
+  }
+  return sum;
+}
+
+// acc[e][0..d) += sum over t of w[e * w_stride + t] * v[t * d ..] for `count` query vectors
+// e that see the same key range (the heads of one row), t in [t0, t1).
+template <int kCount>
+inline void weighted_sum_fixed(const float* w, int64_t w_stride, const float* v, int64_t d,
+                               int64_t t0, int64_t t1, float* acc, int64_t acc_stride) {
+#if defined(__AVX512F__)
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    __m512 a[kCount][4];
+    for (int e = 0; e < kCount; ++e)
+      for (int u = 0; u < 4; ++u) a[e][u] = _mm512_loadu_ps(acc + e * acc_stride + c + 16 * u);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = v + t * d + c;
+      const __m512 x0 = _mm512_loadu_ps(row), x1 = _mm512_loadu_ps(row + 16);
+      const __m512 x2 = _mm512_loadu_ps(row + 32), x3 = _mm512_loadu_ps(row + 48);
+      for (int e = 0; e < kCount; ++e) {
+        const __m512 weight = _mm512_set1_ps(w[e * w_stride + t]);
+        a[e][0] = _mm512_fmadd_ps(weight, x0, a[e][0]);
+        a[e][1] = _mm512_fmadd_ps(weight, x1, a[e][1]);
+        a[e][2] = _mm512_fmadd_ps(weight, x2, a[e][2]);
+        a[e][3] = _mm512_fmadd_ps(weight, x3, a[e][3]);
+      }
+    }
+    for (int e = 0; e < kCount; ++e)
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc + e * acc_stride + c + 16 * u, a[e][u]);
+  }
+  if (c == d) return;
+  v += c;
+  acc += c;
+  const int64_t rest = d - c;
+#else
+  const int64_t rest = d;
+#endif
+  for (int64_t t = t0; t < t1; ++t)
+    for (int e = 0; e < kCount; ++e) {
+      const float weight = w[e * w_stride + t];
+      float* out = acc + e * acc_stride;
+      const float* row = v + t * d;
+      for (int64_t i = 0; i < rest; ++i) out[i] += weight * row[i];
+    }
+}
+
+inline void weighted_sum(const float* w, int64_t w_stride, const float* v, int64_t d,
+                         int64_t t0, int64_t t1, float* acc, int64_t acc_stride, int64_t count) {
+  int64_t e = 0;
+  for (; e + 4 <= count; e += 4)
+    weighted_sum_fixed<4>(w + e * w_stride, w_stride, v, d, t0, t1, acc + e * acc_stride, acc_stride);
+  switch (count - e) {
+    case 3: weighted_sum_fixed<3>(w + e * w_stride, w_stride, v, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    case 2: weighted_sum_fixed<2>(w + e * w_stride, w_stride, v, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    case 1: weighted_sum_fixed<1>(w + e * w_stride, w_stride, v, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    default: break;
+  }
+}
+
 // One work item: query vectors (rows x G heads for each KV head in [g0, g1)) against the
-// positions [a, b). Query vector (r, h) reads positions [lo[r], hi[r]) only; q(r, h) gives
-// its float32 row; slot(r, h) its partial storage.
+// positions [a, b). The vectors of row r read positions [lo[r], hi[r]) only; q_at(r, h)
+// gives the float32 query of row r, head h; slot_at(r, h) its partial's storage.
 template <Kind K, class Rows, class QueryAt, class SlotAt>
 void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t nrows,
               const int64_t* lo, const int64_t* hi, int64_t a, int64_t b, int64_t d,
@@ -202,9 +324,9 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
   const int64_t heads = g1 - g0;
   const int64_t block = prm.block;
   const bool bf16_dot = K == Kind::kBF16 && kHaveBf16Dot && prm.bf16_dot && d % 32 == 0;
-  s.scores.resize(size_t(block * nq));
+  s.scores.resize(size_t(heads * nq * block));
   s.key.resize(size_t(d));
-  s.value.resize(size_t(d));
+  s.value.resize(size_t(heads * block * d));
   s.query.resize(size_t(heads * nq * d));
   s.query_bf16.resize(size_t(heads * nq * d));
   s.m.assign(size_t(heads * nq), kNegInf);
@@ -213,107 +335,100 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
   for (int64_t hg = 0; hg < heads; ++hg)
     for (int64_t r = 0; r < nrows; ++r)
       for (int64_t e = 0; e < group; ++e) {
-        const float* src = q_at(r, (g0 + hg) * group + e);
-        float* dst = s.query.data() + ((hg * nq) + r * group + e) * d;
-        std::memcpy(dst, src, size_t(d) * 4);
-        uint16_t* dst16 = s.query_bf16.data() + ((hg * nq) + r * group + e) * d;
+        const int64_t at = (hg * nq) + r * group + e;
+        std::memcpy(s.query.data() + at * d, q_at(r, (g0 + hg) * group + e), size_t(d) * 4);
+        const float* src = s.query.data() + at * d;
+        uint16_t* dst16 = s.query_bf16.data() + at * d;
         for (int64_t i = 0; i < d; ++i) {
           uint32_t bits;
-          std::memcpy(&bits, dst + i, 4);
+          std::memcpy(&bits, src + i, 4);
           dst16[i] = uint16_t(bits >> 16);  // exact when the query came as bfloat16
         }
       }
   const float cap = prm.soft_cap;
-  const bool capped = cap > 0;
-  float* scores = s.scores.data();
+  const int64_t row_bytes = d * (K == Kind::kF32 ? 4 : 2);
+  // Positions are walked in order with all of the item's heads at each, so an item with
+  // several heads streams the cache layout (position-major) instead of striding through it.
+  auto prefetch = [&](int64_t j) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(rows.k(j, g) + off);
+        __builtin_prefetch(rows.v(j, g) + off);
+      }
+  };
   for (int64_t start = a; start < b; start += block) {
     const int64_t n = std::min(block, b - start);
+    // Scores [head][query vector][position], each key row read once.
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t j = start + t;
+      if (prm.prefetch > 0 && j + prm.prefetch < b) prefetch(j + prm.prefetch);
+      for (int64_t hg = 0; hg < heads; ++hg) {
+        const int64_t g = g0 + hg;
+        const char* krow = rows.k(j, g);
+        const float* kf = reinterpret_cast<const float*>(krow);
+        bool loaded = K == Kind::kF32 || bf16_dot;
+        float* scores = s.scores.data() + hg * nq * block;
+        const float* query = s.query.data() + hg * nq * d;
+        const uint16_t* query16 = s.query_bf16.data() + hg * nq * d;
+        for (int64_t r = 0; r < nrows; ++r) {
+          if (j < lo[r] || j >= hi[r]) continue;
+          if (!loaded) {
+            load_row<K>(krow, s.key.data(), d);
+            kf = s.key.data();
+            loaded = true;
+          }
+          for (int64_t e = 0; e < group; ++e) {
+            const int64_t qi = r * group + e;
+            const float z = bf16_dot
+                ? dot_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d)
+                : dot_f32(query + qi * d, kf, d);
+            scores[qi * block + t] = z * prm.scale;
+          }
+        }
+      }
+    }
+    // Values [head][position][D] in float32 (the cache's own rows when they are float32
+    // and lie back to back).
+    const float* values[64];
+    bool direct = K == Kind::kF32;
+    for (int64_t hg = 0; hg < heads && direct; ++hg)
+      direct = n == 1 || rows.v(start + n - 1, g0 + hg) == rows.v(start, g0 + hg) + (n - 1) * row_bytes;
+    for (int64_t hg = 0; hg < heads; ++hg)
+      values[hg] = direct ? reinterpret_cast<const float*>(rows.v(start, g0 + hg))
+                          : s.value.data() + hg * block * d;
+    if (!direct)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t hg = 0; hg < heads; ++hg)
+          load_row<K>(rows.v(start + t, g0 + hg), s.value.data() + (hg * block + t) * d, d);
     for (int64_t hg = 0; hg < heads; ++hg) {
-      const int64_t g = g0 + hg;
-      const float* query = s.query.data() + hg * nq * d;
-      const uint16_t* query16 = s.query_bf16.data() + hg * nq * d;
+      float* scores = s.scores.data() + hg * nq * block;
       float* m = s.m.data() + hg * nq;
       float* l = s.l.data() + hg * nq;
       float* acc = s.acc.data() + hg * nq * d;
-      // Scores of the block; positions outside a vector's range are never scored.
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t j = start + t;
-        if (prm.prefetch > 0 && j + prm.prefetch < b) {
-          __builtin_prefetch(rows.k(j + prm.prefetch, g));
-          __builtin_prefetch(rows.v(j + prm.prefetch, g));
-        }
-        const char* krow = rows.k(j, g);
-        const float* kf = reinterpret_cast<const float*>(krow);
-        if (!bf16_dot && K != Kind::kF32) {
-          load_row<K>(krow, s.key.data(), d);
-          kf = s.key.data();
-        }
-        for (int64_t r = 0; r < nrows; ++r) {
-          const bool inside = j >= lo[r] && j < hi[r];
-          for (int64_t e = 0; e < group; ++e) {
-            const int64_t qi = r * group + e;
-            float z = kNegInf;
-            if (inside) {
-              z = bf16_dot ? dot_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d)
-                           : dot_f32(query + qi * d, kf, d);
-              z *= prm.scale;
-            }
-            scores[t * nq + qi] = z;
-          }
-        }
-      }
-      if (capped) {
-        for (int64_t i = 0; i < n * nq; ++i) {
-          const float z = scores[i];
-          const float e2 = exp_approx(2.0f * z / cap);
-          const float capped_z = cap * (1.0f - 2.0f / (e2 + 1.0f));
-          scores[i] = z == kNegInf ? kNegInf : capped_z;
-        }
-      }
-      // Online softmax update of each query vector over the block.
+      // Online softmax of each vector over its positions of the block, then its values.
       for (int64_t r = 0; r < nrows; ++r) {
-        const int64_t j0 = std::max(start, lo[r]), j1 = std::min(start + n, hi[r]);
+        const int64_t t0 = std::max(start, lo[r]) - start, t1 = std::min(start + n, hi[r]) - start;
+        if (t0 >= t1) continue;
         for (int64_t e = 0; e < group; ++e) {
           const int64_t qi = r * group + e;
-          if (j0 >= j1) continue;
-          float block_max = kNegInf;
-          for (int64_t j = j0; j < j1; ++j) block_max = nan_max(block_max, scores[(j - start) * nq + qi]);
-          const float m_new = nan_max(m[qi], block_max);
-          if (m_new == kNegInf) continue;  // every logit so far is -inf: nothing to add
-          const float alpha = m[qi] == kNegInf ? 0.0f : std::exp(m[qi] - m_new);
-          float sum = 0;
-          for (int64_t j = j0; j < j1; ++j) {
-            float& z = scores[(j - start) * nq + qi];
-            z = exp_approx(z - m_new);
-            sum += z;
+          float* z = scores + qi * block;
+          if (cap > 0)
+            for (int64_t t = t0; t < t1; ++t) z[t] = cap * std::tanh(z[t] / cap);
+          const float m_new = nan_max(m[qi], block_max(z + t0, t1 - t0));
+          if (m_new == kNegInf) {  // every logit so far is -inf: nothing to add yet
+            std::fill(z + t0, z + t1, 0.0f);
+            continue;
           }
-          l[qi] = l[qi] * alpha + sum;
+          const float alpha = m[qi] == kNegInf ? 0.0f : std::exp(m[qi] - m_new);
+          l[qi] = l[qi] * alpha + exp_and_sum(z + t0, t1 - t0, m_new);
           m[qi] = m_new;
           if (alpha != 1.0f) {
             float* ac = acc + qi * d;
             for (int64_t i = 0; i < d; ++i) ac[i] *= alpha;
           }
         }
-      }
-      // Weighted values: each value row read once for every vector that may see it.
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t j = start + t;
-        const char* vrow = rows.v(j, g);
-        const float* vf = reinterpret_cast<const float*>(vrow);
-        bool loaded = K == Kind::kF32;
-        for (int64_t r = 0; r < nrows; ++r) {
-          if (j < lo[r] || j >= hi[r]) continue;
-          if (!loaded) {
-            load_row<K>(vrow, s.value.data(), d);
-            vf = s.value.data();
-            loaded = true;
-          }
-          for (int64_t e = 0; e < group; ++e) {
-            const int64_t qi = r * group + e;
-            if (m[qi] == kNegInf) continue;
-            axpy(scores[t * nq + qi], vf, acc + qi * d, d);
-          }
-        }
+        weighted_sum(scores + r * group * block, block, values[hg], d, t0, t1,
+                     acc + r * group * d, d, group);
       }
     }
   }
@@ -398,7 +513,7 @@ Params read_params(float scale, int64_t window_left, float soft_cap, int64_t has
                    int64_t block, int64_t heads_per_task, int64_t threads, int64_t splits,
                    int64_t prefetch, int64_t bf16_dot) {
   Params p{scale, window_left, soft_cap, has_sinks != 0, std::max<int64_t>(block, 1),
-           std::max<int64_t>(heads_per_task, 1), threads, std::max<int64_t>(splits, 1),
+           std::clamp<int64_t>(heads_per_task, 1, 64), threads, std::max<int64_t>(splits, 1),
            std::max<int64_t>(prefetch, 0), bf16_dot != 0};
   return p;
 }
