@@ -66,6 +66,7 @@ def flags(features: frozenset[str], extra: tuple[str, ...] = ()) -> tuple[str, .
 
 
 def cache_root() -> Path:
+    """$ATTNBENCH_NATIVE_CACHE, else the user cache folder's native/."""
     import platformdirs
 
     override = os.environ.get("ATTNBENCH_NATIVE_CACHE")
@@ -134,7 +135,9 @@ def load() -> ctypes.CDLL:
     """Builds (or finds) the library, loads it and registers its handlers with XLA:CPU."""
     import jax.ffi
 
-    library = ctypes.cdll.LoadLibrary(str(build().library))
+    # Extra flags (a sanitizer build, say) get a cache entry of their own through the key.
+    extra = tuple(os.environ.get("ATTNBENCH_NATIVE_FLAGS", "").split())
+    library = ctypes.cdll.LoadLibrary(str(build(extra).library))
     for target, symbol in HANDLERS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
