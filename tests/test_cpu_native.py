@@ -189,10 +189,13 @@ def _counting_compiler(tmp_path: Path) -> Path:
 def test_two_processes_build_once_into_one_file(tmp_path):
     wrapper = _counting_compiler(tmp_path)
     root = tmp_path / "cache"
+    # A small source keeps the two compiles cheap; the cache and lock are the same code.
+    source = tmp_path / "small.cc"
+    source.write_text('extern "C" int attnbench_probe() { return 7; }\n')
     code = ("import sys; from pathlib import Path; from attnbench.kernels.native import build; "
-            "print(build.build(root=Path(sys.argv[1])).library)")
+            "print(build.build(root=Path(sys.argv[1]), source=Path(sys.argv[2])).library)")
     env = dict(os.environ, CXX=str(wrapper))
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(root)], env=env,
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(root), str(source)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     results = [p.communicate(timeout=300) for p in processes]
@@ -204,8 +207,10 @@ def test_two_processes_build_once_into_one_file(tmp_path):
     assert library.is_file() and not list(library.parent.glob("*.tmp"))
     # A later call finds it in the cache; other flags get a folder of their own.
     mtime = library.stat().st_mtime_ns
-    env_free = build.build(root=root)
-    assert env_free.library == library and library.stat().st_mtime_ns == mtime
+    again = build.build(root=root, source=source)
+    assert again.library == library and library.stat().st_mtime_ns == mtime
+    other = build.build(("-O1",), root=root, source=source)
+    assert other.library != library
 
 
 def test_the_key_changes_with_source_compiler_flags_and_cpu():
@@ -298,8 +303,8 @@ def test_a_sanitizer_build_finds_nothing_on_hostile_indices(tmp_path):
                               capture_output=True, text=True).stdout.strip()
     assert os.path.isabs(libasan) and os.path.isabs(libubsan), "the compiler has no sanitizers"
     env = dict(os.environ, ATTNBENCH_NATIVE_CACHE=str(tmp_path / "cache"),
-               ATTNBENCH_NATIVE_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all "
-                                      "-fno-omit-frame-pointer",
+               ATTNBENCH_NATIVE_FLAGS="-O1 -fsanitize=address,undefined "
+                                      "-fno-sanitize-recover=all -fno-omit-frame-pointer",
                LD_PRELOAD=f"{libasan} {libubsan}",
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", JAX_PLATFORMS="cpu")
