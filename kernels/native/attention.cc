@@ -111,6 +111,30 @@ inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t d) {
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 constexpr bool kHaveBf16Dot = true;
+
+// The four horizontal sums of a0..a3 -> out[0..3], in a shuffle tree shared by all four.
+inline void reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  // Each 128-bit lane now holds partial sums [a0, a1, a2, a3]; add the four lanes.
+  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0x4E));
+  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0xB1));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(sum));
+}
+
+// Four queries (rows q, q + d, ...) against one key, bfloat16 products, d % 32 == 0.
+inline void dot4_bf16(const uint16_t* q, const uint16_t* k, int64_t d, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < d; i += 32) {
+    const __m512bh key = (__m512bh)_mm512_loadu_si512(k + i);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(q + i), key);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(q + d + i), key);
+    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(q + 2 * d + i), key);
+    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(q + 3 * d + i), key);
+  }
+  reduce4(a0, a1, a2, a3, out);
+}
 #else
 inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return kNaN; }
 constexpr bool kHaveBf16Dot = false;
@@ -377,7 +401,17 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
             kf = s.key.data();
             loaded = true;
           }
-          for (int64_t e = 0; e < group; ++e) {
+          int64_t e = 0;
+#if defined(__AVX512BF16__)
+          if (bf16_dot)
+            for (; e + 4 <= group; e += 4) {
+              float z[4];
+              const int64_t qi = r * group + e;
+              dot4_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d, z);
+              for (int u = 0; u < 4; ++u) scores[(qi + u) * block + t] = z[u] * prm.scale;
+            }
+#endif
+          for (; e < group; ++e) {
             const int64_t qi = r * group + e;
             const float z = bf16_dot
                 ? dot_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d)
