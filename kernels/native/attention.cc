@@ -191,8 +191,12 @@ struct DecodeRows {
   const char* value;
   int64_t row_stride;  // bytes between positions (Hkv * D elements)
   int64_t head_bytes;  // D elements
-  const char* k(int64_t j, int64_t g) const { return key + j * row_stride + g * head_bytes; }
-  const char* v(int64_t j, int64_t g) const { return value + j * row_stride + g * head_bytes; }
+  const char* kb(int64_t j) const { return key + j * row_stride; }
+  const char* vb(int64_t j) const { return value + j * row_stride; }
+  int64_t ko(int64_t g) const { return g * head_bytes; }
+  int64_t vo(int64_t g) const { return g * head_bytes; }
+  const char* k(int64_t j, int64_t g) const { return kb(j) + ko(g); }
+  const char* v(int64_t j, int64_t g) const { return vb(j) + vo(g); }
 };
 
 struct PagedRows {
@@ -204,8 +208,13 @@ struct PagedRows {
     page = page < 0 ? 0 : (page >= num_pages ? num_pages - 1 : page);
     return pages + (page * page_size + j % page_size) * row_stride;
   }
-  const char* k(int64_t j, int64_t g) const { return base(j) + (2 * g) * head_bytes; }
-  const char* v(int64_t j, int64_t g) const { return base(j) + (2 * g + 1) * head_bytes; }
+  // A position's keys and values of every head share one page row: look it up once.
+  const char* kb(int64_t j) const { return base(j); }
+  const char* vb(int64_t j) const { return base(j); }
+  int64_t ko(int64_t g) const { return 2 * g * head_bytes; }
+  int64_t vo(int64_t g) const { return (2 * g + 1) * head_bytes; }
+  const char* k(int64_t j, int64_t g) const { return base(j) + ko(g); }
+  const char* v(int64_t j, int64_t g) const { return base(j) + vo(g); }
 };
 
 struct Scratch {
@@ -374,10 +383,12 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
   // Positions are walked in order with all of the item's heads at each, so an item with
   // several heads streams the cache layout (position-major) instead of striding through it.
   auto prefetch = [&](int64_t j) {
+    const char* kbase = rows.kb(j);
+    const char* vbase = rows.vb(j);
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t off = 0; off < row_bytes; off += 64) {
-        __builtin_prefetch(rows.k(j, g) + off);
-        __builtin_prefetch(rows.v(j, g) + off);
+        __builtin_prefetch(kbase + rows.ko(g) + off);
+        __builtin_prefetch(vbase + rows.vo(g) + off);
       }
   };
   for (int64_t start = a; start < b; start += block) {
@@ -386,9 +397,10 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
     for (int64_t t = 0; t < n; ++t) {
       const int64_t j = start + t;
       if (prm.prefetch > 0 && j + prm.prefetch < b) prefetch(j + prm.prefetch);
+      const char* kbase = rows.kb(j);
       for (int64_t hg = 0; hg < heads; ++hg) {
         const int64_t g = g0 + hg;
-        const char* krow = rows.k(j, g);
+        const char* krow = kbase + rows.ko(g);
         const float* kf = reinterpret_cast<const float*>(krow);
         bool loaded = K == Kind::kF32 || bf16_dot;
         float* scores = s.scores.data() + hg * nq * block;
@@ -431,9 +443,11 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
       values[hg] = direct ? reinterpret_cast<const float*>(rows.v(start, g0 + hg))
                           : s.value.data() + hg * block * d;
     if (!direct)
-      for (int64_t t = 0; t < n; ++t)
+      for (int64_t t = 0; t < n; ++t) {
+        const char* vbase = rows.vb(start + t);
         for (int64_t hg = 0; hg < heads; ++hg)
-          load_row<K>(rows.v(start + t, g0 + hg), s.value.data() + (hg * block + t) * d, d);
+          load_row<K>(vbase + rows.vo(g0 + hg), s.value.data() + (hg * block + t) * d, d);
+      }
     for (int64_t hg = 0; hg < heads; ++hg) {
       float* scores = s.scores.data() + hg * nq * block;
       float* m = s.m.data() + hg * nq;
