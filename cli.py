@@ -79,6 +79,8 @@ def list_variants(
                    f"{'  default on: ' + ', '.join(default_on) if default_on else ''}")
         typer.echo(f"  features: {', '.join(item['features']) or 'none'};"
                    f" dtypes: {', '.join(item['dtypes'])}")
+        if item["unavailable"]:
+            typer.echo(f"  unavailable: {item['unavailable']}")
         if not item["config_space"]:
             typer.echo("  config: nothing to tune")
         for name, space in item["config_space"].items():

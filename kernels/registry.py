@@ -10,6 +10,7 @@ stays cheap on any install.
 
 from __future__ import annotations
 
+from .decode import cpu_native as decode_cpu_native
 from .decode import operator as decode_operator
 from .decode import pallas_tpu as decode_pallas_tpu
 from .decode import reference as decode_reference
@@ -17,6 +18,7 @@ from .decode import triton_splitkv as decode_triton_splitkv
 from .decode import xla_blocked as decode_xla_blocked
 from .decode import xla_dense as decode_xla_dense
 from .operator import Operator
+from .paged import cpu_native as paged_cpu_native
 from .paged import operator as paged_operator
 from .paged import pallas_tpu as paged_pallas_tpu
 from .paged import reference as paged_reference
@@ -47,6 +49,8 @@ VARIANTS: tuple[Variant, ...] = (
     paged_xla_decode.VARIANT,
     paged_v3_reference.VARIANT,
     paged_v3_xla.VARIANT,
+    decode_cpu_native.VARIANT,
+    paged_cpu_native.VARIANT,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).

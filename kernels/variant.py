@@ -41,6 +41,9 @@ class Variant:
     heuristic: Callable[[Any], KernelConfig]  # shape -> a good default config
     description: str
     dtypes: tuple[str, ...] = SUPPORTED_DTYPES
+    # For variants that need something only the running machine can tell (a library built on
+    # first use): returns why the variant cannot run here, or None when it can.
+    available: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         assert set(self.platforms) <= set(PLATFORMS), self.platforms
@@ -60,7 +63,11 @@ class Variant:
             return (
                 f"variant {self.name!r} runs on {list(self.platforms)}, not on {platform}{hint}"
             )
-        return None
+        return self.unavailable_reason()
+
+    def unavailable_reason(self) -> str | None:
+        """Why this machine cannot run the variant at all (its `available` hook), or None."""
+        return None if self.available is None else self.available()
 
     def default_config(self, shape: Any) -> KernelConfig:
         """The heuristic config for `shape`, clamped so it is valid for it."""
@@ -77,4 +84,5 @@ class Variant:
             "dtypes": list(self.dtypes),
             "config_space": self.config_class.space(),
             "description": self.description,
+            "unavailable": self.unavailable_reason(),
         }
