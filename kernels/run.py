@@ -25,7 +25,7 @@ def _raise_problems(function_name: str, problems: list[str]) -> None:
         raise ValueError(f"{function_name}: invalid input values: " + "; ".join(problems))
 
 
-def _check_values(operator, shape, arrays: tuple) -> None:
+def check_values(operator, shape, arrays: tuple) -> None:
     """Runs the operator's host-side value check now (concrete inputs) or when the compiled
     call runs (under jit the values only exist then)."""
     def check(*values):
@@ -43,7 +43,7 @@ def run_operator(operator, args: tuple, kwargs: dict[str, Any], *, variant: str 
     """One call of `operator` on its public arguments; the output in `output_dtype`."""
     prepared, shape = operator.prepare(*args, **kwargs)
     if validate:
-        _check_values(operator, shape, operator.value_arrays(prepared))
+        check_values(operator, shape, operator.value_arrays(prepared))
     choice = choose(shape, variant=variant, config=config, interpret=interpret)
     return choice.variant.kernel(prepared, choice.config, interpret=interpret).astype(output_dtype)
 
