@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .inputs import as_int32
 
 
 def varying_axes(*trees: Any) -> frozenset[str]:
@@ -121,15 +124,19 @@ def shard_operator(operator, arrays: Sequence[Any], kwargs: dict[str, Any], *, m
 
     if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    arrays = [a if hasattr(a, "shape") else jax.numpy.asarray(a) for a in arrays]
     prepared, shape = operator.prepare(*arrays, **kwargs)
+    names = operator.array_names
+    # The shards get int32 index arrays: a wider one is checked for overflow here, whole
+    # (shard_map's transfer would cast it silently).
+    arrays = [as_int32(name, a) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.integer)
+              else a if hasattr(a, "shape") else jnp.asarray(a)
+              for name, a in zip(names, arrays)]
     if validate:
         check_values(operator, shape, operator.value_arrays(prepared))
     if in_specs is None or out_specs is None:
         default_in, default_out = operator.shard_specs(_default_axis(mesh, head_axis), arrays)
         in_specs = default_in if in_specs is None else in_specs
         out_specs = default_out if out_specs is None else out_specs
-    names = operator.array_names
     if not isinstance(in_specs, (tuple, list)) or len(in_specs) != len(arrays):
         raise ValueError(f"in_specs must be a sequence of {len(arrays)} PartitionSpecs, one per "
                          f"array argument ({', '.join(names)}; sinks follow the query heads), "

@@ -59,6 +59,10 @@ def test_sharding_keywords_refuse_what_they_cannot_honour():
     # Argument errors name the argument as an unsharded call would.
     with pytest.raises(ValueError, match="sinks of rank 2 must have shape"):
         kernels.decode_attention(*args, mesh=mesh, sinks=jnp.zeros((3, 2)))
+    # A wider index array is checked whole before the shards get int32.
+    wide_end = np.full((PROBLEM.batch,), 2**32 + 4, np.int64)
+    with pytest.raises(ValueError, match=r"sequence_end\[0\] = 4294967300 does not fit int32"):
+        kernels.decode_attention(*args[:4], wide_end, mesh=mesh)
     # On a one-device mesh the keyword path gives the plain call's result.
     np.testing.assert_allclose(
         np.asarray(kernels.decode_attention(*args, mesh=mesh, sinks=jnp.asarray(SETS))),
