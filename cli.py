@@ -108,6 +108,8 @@ def lookup(
     variant: Optional[str] = typer.Option(None, help="Restrict to this variant."),
     device_kind: Optional[str] = typer.Option(None, help="Normalized device kind (default: this one)."),
     platform: Optional[str] = typer.Option(None, help="cpu, gpu or tpu (default: this one)."),
+    tp: int = typer.Option(1, help="Tensor-parallel shards: heads split over N devices "
+                                   "(mesh=); the key is the per-shard shape."),
 ) -> None:
     """Print the variant and config an operator call would use, and where it came from."""
     import warnings
@@ -123,9 +125,13 @@ def lookup(
         operator = get_operator(op)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--op") from None
+    if tp < 1 or q_heads % tp or kv_heads % tp:
+        raise typer.BadParameter(f"--tp {tp} must be >= 1 and divide --q-heads {q_heads} and "
+                                 f"--kv-heads {kv_heads} (each shard holds whole heads)",
+                                 param_hint="--tp")
     try:
         shape = operator.lookup_shape(
-            q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+            q_heads=q_heads // tp, kv_heads=kv_heads // tp, head_dim=head_dim, dtype=dtype,
             features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
                                          "page_size": page_size, "max_seqs": max_seqs,
                                          "cache_dtype": cache_dtype})
@@ -134,6 +140,9 @@ def lookup(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untuned case is reported below instead
         choice = choose(shape, variant=variant, device_kind=device_kind, platform=platform)
+    if tp > 1:
+        typer.echo(f"shards:  {tp}, each Hq={q_heads // tp} Hkv={kv_heads // tp} (the lookup "
+                   "of a call made with mesh= or inside shard_map)")
     typer.echo(f"key:     {key_text(choice.key)}")
     typer.echo(f"variant: {choice.variant.name}")
     typer.echo(f"config:  {json.dumps(choice.config.to_dict())}")

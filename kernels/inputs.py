@@ -113,15 +113,35 @@ def static_scalar(name: str, value: Any, default: float | None) -> float | None:
     return float(value)
 
 
-def sinks_per_head(sinks: Any, q_heads: int) -> jax.Array | None:
+def sinks_per_head(sinks: Any, q_heads: int, kv_heads: int) -> jax.Array | None:
+    """One float32 sink logit per query head, from any form the contract accepts.
+
+    [Hq] is taken as it is; [num_sinks] (shared by every head), [Hkv, num_sinks] (per
+    key/value head, read by its G query heads) and [Hq, num_sinks] reduce to the log-sum-exp
+    of each head's sinks: n sinks in one softmax add sum_k exp(s_k - m) to its denominator,
+    which is what one logit logsumexp(s) adds.
+    """
     if sinks is None:
         return None
-    check_rank("sinks", sinks, (1,), "[Hq]")
+    layout = "[Hq], [num_sinks], [Hkv, num_sinks] or [Hq, num_sinks]"
+    check_rank("sinks", sinks, (1, 2), layout)
     if not jnp.issubdtype(sinks.dtype, jnp.floating):
-        raise TypeError(f"sinks must be a float array [Hq], got dtype {dtype_name(sinks)}")
-    if sinks.shape[0] != q_heads:
-        raise ValueError(f"sinks must have shape [Hq] = ({q_heads},), got {tuple(sinks.shape)}")
-    return jnp.asarray(sinks, jnp.float32)
+        raise TypeError(f"sinks must be a float array {layout}, got dtype {dtype_name(sinks)}")
+    shape = tuple(sinks.shape)
+    if 0 in shape:
+        raise ValueError(f"sinks must hold at least one sink per head ({layout}), got shape "
+                         f"{shape}; pass sinks=None for none")
+    logits = jnp.asarray(sinks, jnp.float32)
+    if logits.ndim == 1:
+        if shape[0] == q_heads:
+            return logits
+        return jnp.broadcast_to(jax.nn.logsumexp(logits), (q_heads,))
+    if shape[0] == q_heads:
+        return jax.nn.logsumexp(logits, axis=1)
+    if shape[0] == kv_heads:
+        return jnp.repeat(jax.nn.logsumexp(logits, axis=1), q_heads // kv_heads)
+    raise ValueError(f"sinks of rank 2 must have shape [Hkv, num_sinks] with Hkv = {kv_heads} "
+                     f"or [Hq, num_sinks] with Hq = {q_heads}, got {shape}")
 
 
 def features_used(window_left: int | None, soft_cap: float | None, sinks: Any) -> frozenset[str]:

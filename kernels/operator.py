@@ -127,6 +127,24 @@ class Operator(abc.ABC):
         None for an operator without a page table."""
         return None
 
+    # ---- Sharding (the mesh= keyword, kernels/sharding.py) ------------------------------
+
+    # The public function's array arguments in order (sinks excluded), for errors.
+    array_names: ClassVar[tuple[str, ...]]
+
+    @abc.abstractmethod
+    def shard_specs(self, axis: str, arrays: tuple) -> tuple[tuple[Any, ...], Any]:
+        """The default PartitionSpecs (one per array argument, and the output's) of a call
+        run per shard with its heads split over mesh axis `axis`."""
+
+    def head_entry(self, in_specs: list, arrays: tuple) -> Any:
+        """The mesh axis (or axes, or None) that `in_specs` split the query heads over; the
+        per-head sinks are split the same way. Here: the first argument's second-to-last
+        axis, where both of today's operators keep the query heads."""
+        query_spec = tuple(in_specs[0])
+        query_spec += (None,) * (arrays[0].ndim - len(query_spec))
+        return query_spec[-2]
+
     @property
     def reference(self):
         """The float32 oracle variant of this operator."""

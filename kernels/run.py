@@ -26,7 +26,7 @@ def _raise_problems(function_name: str, problems: list[str]) -> None:
         raise ValueError(f"{function_name}: invalid input values: " + "; ".join(problems))
 
 
-def _check_values(operator, shape, arrays: tuple) -> None:
+def check_values(operator, shape, arrays: tuple) -> None:
     """Runs the operator's host-side value check now (concrete inputs) or when the compiled
     call runs (under jit the values only exist then)."""
     def check(*values):
@@ -44,7 +44,7 @@ def run_operator(operator, args: tuple, kwargs: dict[str, Any], *, variant: str 
     """One call of `operator` on its public arguments; the output in `output_dtype`."""
     prepared, shape = operator.prepare(*args, **kwargs)
     if validate:
-        _check_values(operator, shape, operator.value_arrays(prepared))
+        check_values(operator, shape, operator.value_arrays(prepared))
     if operator.has_no_work(shape):
         # Zero-sized arrays reach no kernel: some cannot tile or index an empty axis.
         return operator.no_work_result(prepared, shape, output_dtype)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sharding import out_struct
+
 # A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend), then the
 # outputs, each given as (shape, dtype name) and filled with NaN first, as
 # launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages), and returns the
@@ -195,7 +197,7 @@ def call_interpreted(run: Callable[..., Any], out_shape: tuple[tuple[int, ...], 
             return to_numpy(run(interpreter_launch, *tensors))
 
     shape, dtype = out_shape
-    return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, dtype), *arrays)
+    return jax.pure_callback(on_host, out_struct(shape, dtype, arrays), *arrays)
 
 
 def gpu_launch(compute_capability: int | None) -> Launch:

@@ -56,6 +56,17 @@ def test_lookup_paged_without_table_uses_the_heuristic():
     assert "page_size=16 features=sinks tokens=64 max_len=2048" in result.output
 
 
+def test_lookup_tp_keys_on_the_per_shard_heads():
+    base = ["lookup", "--op", "decode", "--q-heads", "32", "--kv-heads", "8", "--head-dim", "64",
+            "--max-len", "1024", "--device-kind", "cpu"]
+    result = runner.invoke(app, base + ["--tp", "4"])
+    assert result.exit_code == 0, result.output
+    assert "shards:  4, each Hq=8 Hkv=2" in result.output
+    assert "Hq=8 Hkv=2 D=64" in result.output
+    result = runner.invoke(app, base + ["--tp", "3"])
+    assert result.exit_code != 0 and "--tp 3 must be >= 1 and divide" in result.output
+
+
 def test_lookup_rejects_unknown_feature():
     result = runner.invoke(app, ["lookup", "--op", "decode", "--q-heads", "8", "--kv-heads", "2",
                                  "--head-dim", "64", "--max-len", "64", "--features", "alibi"])

@@ -48,7 +48,11 @@ def test_decode_shape_errors_name_the_argument(index, value, error, pattern):
     ({"sliding_window": 2.5}, "sliding_window must be an int"),
     ({"logits_soft_cap": -1.0}, "logits_soft_cap must be > 0"),
     ({"softmax_scale": "big"}, "softmax_scale must be a Python float"),
-    ({"sinks": jnp.zeros((HQ + 1,))}, r"sinks must have shape \[Hq\] = \(4,\)"),
+    ({"sinks": jnp.zeros((HQ + 1, 2))}, r"sinks of rank 2 must have shape \[Hkv, num_sinks\] "
+                                         r"with Hkv = 2 or \[Hq, num_sinks\] with Hq = 4, got \(5, 2\)"),
+    ({"sinks": jnp.zeros((HQ, 1, 1))}, r"sinks must have shape \[Hq\], \[num_sinks\]"),
+    ({"sinks": jnp.zeros((0,))}, "sinks must hold at least one sink"),
+    ({"sinks": jnp.zeros((HQ,), jnp.int32)}, "sinks must be a float array"),
     ({"variant": "nope"}, "unknown decode variant 'nope'"),
     ({"config": {"kv_block_size": 3}, "variant": "reference"}, "unknown tunable"),
 ], ids=str)

@@ -98,7 +98,7 @@ def prepare(
         sequence_start=as_int32("sequence_start", sequence_start),
         sequence_end=as_int32("sequence_end", sequence_end),
         softmax_scale=scale, window_left=window_left, logits_soft_cap=soft_cap,
-        sinks=sinks_per_head(sinks, q_heads),
+        sinks=sinks_per_head(sinks, q_heads, kv_heads),
     )
     shape = DecodeShape(
         batch=batch, max_len=max_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,

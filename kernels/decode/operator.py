@@ -6,15 +6,17 @@ attnbench asks about this op. The contract is docs/semantics.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from ..inputs import window_left_of
 from ..operator import AttentionRow, Operator
 from ..run import run_operator
+from ..sharding import no_specs_without_mesh as _no_specs_without_mesh, shard_operator
 from . import inputs
 from .inputs import DecodeShape
 from .problem import DecodeProblem
@@ -30,6 +32,10 @@ def decode_attention(
     config: Mapping[str, Any] | None = None,
     interpret: bool = False,
     validate: bool = False,
+    mesh: Mesh | None = None,
+    in_specs: Sequence[PartitionSpec] | None = None,
+    out_specs: PartitionSpec | None = None,
+    head_axis: str | None = None,
 ) -> jax.Array:
     """Attention of one new token per sequence against a contiguous KV cache.
 
@@ -41,7 +47,19 @@ def decode_attention(
     variant / config: force a variant and/or config instead of the tuned-table choice.
     interpret: run a GPU/TPU variant on CPU through its interpreter.
     validate: also check lengths against S (host side), raising ValueError when wrong.
+    mesh: run per shard inside jax.shard_map over this mesh. in_specs (one PartitionSpec per
+    array: query, key, value, sequence_start, sequence_end) and out_specs default to the
+    heads split over head_axis (default: the mesh's only axis, or "tp"); sinks, in any form,
+    are split like the query heads. The tuned config is looked up for the per-shard shape.
     """
+    if mesh is not None:
+        return shard_operator(
+            OPERATOR, (query, key, value, sequence_start, sequence_end),
+            dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
+                 logits_soft_cap=logits_soft_cap, sinks=sinks),
+            mesh=mesh, in_specs=in_specs, out_specs=out_specs, head_axis=head_axis,
+            validate=validate, variant=variant, config=config, interpret=interpret)
+    _no_specs_without_mesh(in_specs, out_specs, head_axis)
     rank4 = getattr(query, "ndim", None) == 4
     out = run_operator(
         OPERATOR, (query, key, value, sequence_start, sequence_end),
@@ -58,6 +76,7 @@ class DecodeOperator(Operator):
     size_axes = ("batch", "max_len")
     constraint_sizes_names = ("batch",)
     problem_class = DecodeProblem
+    array_names = ("query", "key", "value", "sequence_start", "sequence_end")
 
     @property
     def function(self):
@@ -75,6 +94,11 @@ class DecodeOperator(Operator):
 
     def value_arrays(self, args):
         return (args.sequence_start, args.sequence_end)
+
+    def shard_specs(self, axis, arrays):
+        heads = PartitionSpec(*(None,) * (arrays[0].ndim - 2), axis, None)
+        cache = PartitionSpec(None, None, axis, None)
+        return (heads, cache, cache, PartitionSpec(), PartitionSpec()), heads
 
     def value_problems(self, shape, sequence_start, sequence_end):
         return inputs.value_problems(sequence_start, sequence_end, shape.max_len)

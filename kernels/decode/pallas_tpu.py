@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from .inputs import DecodeArgs, DecodeShape
 from ..jax_compat import tpu_compiler_params
 from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
+from ..sharding import out_struct, vary_like
 from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
     vmem_budget_bytes,
@@ -190,7 +191,9 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
         in_specs.append(pl.BlockSpec((None, heads, 1),
                                      lambda b, h, hb, kb, lo_ref, hi_ref: (h, hb, 0)))
     # NaN-filled output buffer: any element the kernel fails to write stays NaN.
-    operands.append(jnp.full((batch, kv_heads, group, head_dim), jnp.nan, jnp.float32))
+    # Per shard (shard_map), the buffer and the output vary over the axes the inputs do.
+    operands.append(vary_like(jnp.full((batch, kv_heads, group, head_dim), jnp.nan,
+                                       jnp.float32), lo, hi, operands))
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
 
     kernel = functools.partial(
@@ -208,7 +211,7 @@ def pallas_tpu_decode(args: DecodeArgs, config: PallasTpuDecodeConfig, *,
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), jnp.float32),
+        out_shape=out_struct((batch, kv_heads, group, head_dim), jnp.float32, lo, hi, operands),
         # Operand indices count the two scalar-prefetch arrays first.
         input_output_aliases={2 + len(operands) - 1: 0},
         compiler_params=tpu_compiler_params(

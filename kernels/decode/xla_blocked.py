@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from .. import softmax
 from .inputs import DecodeArgs, DecodeShape
+from ..sharding import vary_like
 from ..softmax import soft_cap
 from ..tunables import (
     BOOL, POWER_OF_TWO, KernelConfig, cdiv, int_in, next_power_of_two, one_of,
@@ -220,6 +221,7 @@ def decode_attention_blocked(args: DecodeArgs, config: XlaBlockedConfig, *,
         num_steps = cdiv(limit - first_item, width)
         carry = (jnp.int32(0), softmax.empty((capacity + 1, kv_heads, group), head_dim),
                  args.key, args.value)
+        carry = vary_like(carry, args, first_item, limit)
         return jax.lax.while_loop(lambda c: c[0] < num_steps, step, carry)[1]
 
     # Independent splits of the work list (separate loops XLA may run at the same time);

@@ -108,7 +108,7 @@ def prepare(
         query_start_loc=as_int32("query_start_loc", query_start_loc),
         num_seqs=as_int32("num_seqs", num_seqs).reshape(()),
         softmax_scale=scale, window_left=window_left, logits_soft_cap=soft_cap,
-        sinks=sinks_per_head(sinks, q_heads),
+        sinks=sinks_per_head(sinks, q_heads, kv_heads),
     )
     shape = PagedShape(
         num_tokens=num_tokens, max_seqs=max_seqs, pages_per_seq=pages_per_seq,

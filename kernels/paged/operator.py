@@ -6,16 +6,18 @@ docs/semantics.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from ..inputs import window_left_of
 from ..operator import AttentionRow, Operator
 from ..run import run_operator
+from ..sharding import no_specs_without_mesh as _no_specs_without_mesh, shard_operator
 from ..tunables import cdiv
 from . import inputs
 from .inputs import PagedShape
@@ -32,6 +34,10 @@ def ragged_paged_attention(
     config: Mapping[str, Any] | None = None,
     interpret: bool = False,
     validate: bool = False,
+    mesh: Mesh | None = None,
+    in_specs: Sequence[PartitionSpec] | None = None,
+    out_specs: PartitionSpec | None = None,
+    head_axis: str | None = None,
 ) -> jax.Array:
     """Attention for a ragged mix of prefill and decode tokens against a paged KV cache.
 
@@ -39,8 +45,17 @@ def ragged_paged_attention(
     2g + 1); context_lens int32 [max_seqs]; page_table int32 [max_seqs, pages_per_seq];
     query_start_loc int32 [max_seqs + 1]; num_seqs int32 scalar or [1]. Returns [T, Hq, D]
     in the queries' dtype; rows past query_start_loc[num_seqs] are zeros. The contract:
-    docs/semantics.md. The other keywords are decode_attention's.
+    docs/semantics.md. The other keywords are decode_attention's; with mesh=, in_specs name
+    queries, kv_pages, context_lens, page_table, query_start_loc and num_seqs.
     """
+    if mesh is not None:
+        return shard_operator(
+            OPERATOR, (queries, kv_pages, context_lens, page_table, query_start_loc, num_seqs),
+            dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
+                 logits_soft_cap=logits_soft_cap, sinks=sinks),
+            mesh=mesh, in_specs=in_specs, out_specs=out_specs, head_axis=head_axis,
+            validate=validate, variant=variant, config=config, interpret=interpret)
+    _no_specs_without_mesh(in_specs, out_specs, head_axis)
     return run_operator(
         OPERATOR, (queries, kv_pages, context_lens, page_table, query_start_loc, num_seqs),
         dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
@@ -56,6 +71,8 @@ class PagedOperator(Operator):
     constraint_sizes_names = ("num_tokens", "num_seqs", "max_seqs", "pages_per_seq",
                               "page_size", "num_pages", "prefill_fraction")
     problem_class = PagedProblem
+    array_names = ("queries", "kv_pages", "context_lens", "page_table", "query_start_loc",
+                   "num_seqs")
 
     @property
     def function(self):
@@ -73,6 +90,13 @@ class PagedOperator(Operator):
 
     def value_arrays(self, args):
         return (args.context_lens, args.page_table, args.query_start_loc, args.num_seqs)
+
+    def shard_specs(self, axis, arrays):
+        # kv_pages interleaves key and value per head (2g, 2g + 1): a contiguous split of
+        # that axis gives each shard whole pairs, matching its query heads.
+        heads = PartitionSpec(None, axis, None)
+        indices = (PartitionSpec(),) * 4
+        return (heads, PartitionSpec(None, None, axis, None)) + indices, heads
 
     def value_problems(self, shape, context_lens, page_table, query_start_loc, num_seqs):
         return inputs.value_problems(context_lens, page_table, query_start_loc, num_seqs,

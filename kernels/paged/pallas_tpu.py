@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from ..jax_compat import tpu_compiler_params
 from ..pallas_tpu_common import finish_softmax, interpret_params, online_softmax_step, scores_of
+from ..sharding import out_struct, vary_like
 from ..tpu_limits import (
     LANES, MiB, block_dtype, padded_tile_bytes, query_block_dtype, sublane_tile,
     vmem_budget_bytes,
@@ -300,7 +301,8 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
                                      lambda h, i, kb, w, t: (h, 0, 0)))
     # NaN-filled output buffer: any element the kernel fails to write stays NaN.
     out_shape = (kv_heads, group, padded_tokens, head_dim)
-    operands.append(jnp.full(out_shape, jnp.nan, dtype))
+    # Per shard (shard_map), the buffer and the output vary over the axes the inputs do.
+    operands.append(vary_like(jnp.full(out_shape, jnp.nan, dtype), work, table, operands))
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
 
     kernel = functools.partial(
@@ -320,7 +322,7 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+        out_shape=out_struct(out_shape, dtype, work, table, operands),
         # Operand indices count the two scalar-prefetch arrays first.
         input_output_aliases={2 + len(operands) - 1: 0},
         # Work items of one query block share its output block and scratch: sequential.

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from .. import softmax
 from .inputs import PagedArgs, PagedShape
+from ..sharding import vary_like
 from ..softmax import soft_cap
 from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
@@ -267,7 +268,8 @@ def _attend_query_block(args: PagedArgs, seq: jax.Array, layout: Layout, first_r
 
     _, state = jax.lax.while_loop(
         lambda carry: carry[0] < num_blocks, body,
-        (jnp.int32(0), softmax.empty((kv_heads, rows * group), head_dim)))
+        vary_like((jnp.int32(0), softmax.empty((kv_heads, rows * group), head_dim)), args, seq,
+                  queries, first_row))
     out = softmax.finalize(state, grouped_sinks(args, rows))  # [Hkv, rows * G, D]
     return out.reshape(kv_heads, rows, group, head_dim).transpose(1, 0, 2, 3).reshape(
         rows, q_heads, head_dim)
@@ -319,7 +321,7 @@ def ragged_paged_attention_blocked(args: PagedArgs, config: XlaBlockedConfig, *,
             return decode(out)
         return jax.lax.cond(layout.q_len[seq] <= 1, decode, prefill, out)
 
-    out = jnp.zeros((num_tokens + rows, q_heads, head_dim), jnp.float32)
+    out = vary_like(jnp.zeros((num_tokens + rows, q_heads, head_dim), jnp.float32), args)
     out = jax.lax.fori_loop(0, layout.num_seqs, one_sequence, out)
     return out[:num_tokens]
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from .. import softmax
 from .inputs import PagedArgs, PagedShape
+from ..sharding import vary_like
 from ..tunables import POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 from . import xla_blocked
@@ -168,7 +169,7 @@ def _decode_step(args: PagedArgs, config: XlaDecodeConfig, layout: Layout) -> ja
 
     _, state = jax.lax.while_loop(
         lambda carry: carry[0] * width < total_blocks, body,
-        (jnp.int32(0), softmax.empty((max_seqs + 1, kv_heads, group), head_dim)))
+        vary_like((jnp.int32(0), softmax.empty((max_seqs + 1, kv_heads, group), head_dim)), args))
     state = softmax.Partial(*(field[:max_seqs] for field in state))
     sinks = None if args.sinks is None else args.sinks.reshape(kv_heads, group)
     out = softmax.finalize(state, sinks).reshape(max_seqs, q_heads, head_dim)

@@ -104,6 +104,15 @@ class PagedV3Operator(Operator):
         return PAGED.name, (prepared.queries, pages, prepared.context_lens, prepared.page_table,
                             prepared.query_start_loc, prepared.distribution[2]), paged_kwargs
 
+    array_names = ("queries", "keys", "values", "kv_cache", "context_lens", "page_table",
+                   "query_start_loc", "distribution")
+
+    def shard_specs(self, axis, arrays):
+        # The packed cache splits over heads only where the packing divides a shard's heads,
+        # and the result is a pair: the mesh= keywords are not offered for this op yet.
+        raise ValueError(f"{self.function_name} does not take mesh= yet; call it inside your "
+                         "own jax.shard_map")
+
     def output_shape(self, shape):
         return (shape.num_tokens, shape.q_heads, shape.head_dim)
 
