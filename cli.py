@@ -312,6 +312,9 @@ def check(
     out: Optional[Path] = typer.Option(None, help="CSV of the results (default results/checks/<sweep>-<targets>.csv)."),
     shard: str = typer.Option("0/1", help="Check share I of N of the sweep's problems."),
     limit: Optional[int] = typer.Option(None, help="Check at most this many configs per variant."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Compile processes (default: one per core, at most 16)."),
+    cache: bool = typer.Option(True, "--cache/--no-cache",
+                               help="Reuse and keep kernel compile results in the user's cache folder."),
 ) -> None:
     """Compile every GPU config a sweep would run for real CUDA targets (no GPU needed);
     report shared memory, registers and spills, and which configs cannot launch."""
@@ -332,7 +335,7 @@ def check(
         for path, path_targets in runs:
             csv_path = out or static_check.default_csv_path(path, path_targets)
             static_check.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
-                                   limit=limit, echo=typer.echo)
+                                   limit=limit, echo=typer.echo, jobs=jobs, use_cache=cache)
     except (sweep_files.SweepFileError, FileNotFoundError) as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
