@@ -122,7 +122,8 @@ def lookup(
 
 @app.command()
 def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a sweep file (.yaml).")) -> None:
-    """Check a tuned table or sweep file against its schema; print each problem with its location."""
+    """Check a tuned table or sweep file against its schema; print each problem with its location.
+    A table's entries tuned on other code of their variant than the installed one are stale."""
     if not path.exists():
         typer.echo(f"{path}: no such file", err=True)
         raise typer.Exit(2)
@@ -142,6 +143,13 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
             problems = [f"(file): {error}"]
         except json.JSONDecodeError as error:
             problems = [f"(file): not valid JSON: {error}"]
+        if not problems:
+            from attnbench.kernels.fingerprint import table_code_report
+            from attnbench.kernels.table import read_table
+
+            problems, notes = table_code_report(read_table(path))
+            for note in notes:
+                typer.echo(f"{path}: warning: {note}")
     for problem in problems:
         typer.echo(f"{path}: {problem}")
     if problems:

@@ -97,3 +97,48 @@ def toolchain_versions() -> dict[str, str | None]:
 def provenance(variant: Any) -> dict[str, Any]:
     """What a tuned entry for `variant` records about the code that produced it."""
     return {"fingerprint": variant_fingerprint(variant), "versions": toolchain_versions()}
+
+
+def code_status(source: Any, variant: Any) -> tuple[str, str]:
+    """Whether a tuned entry's recorded code (its ``source``) is the variant's code now:
+    ('current', ''), ('stale', why) or ('unknown', why) for an entry that records none
+    (tables written before entries carried fingerprints)."""
+    recorded = source.get("fingerprint") if isinstance(source, dict) else None
+    if recorded is None:
+        return "unknown", "records no fingerprint of its variant's code"
+    now = variant_fingerprint(variant)
+    if recorded != now:
+        return "stale", (f"tuned on code {recorded} of variant {variant.name!r}, whose code is "
+                         f"now {now}; re-tune it (attnbench sweep)")
+    return "current", ""
+
+
+def table_code_report(table: Any) -> tuple[list[str], list[str]]:
+    """(stale entries, warnings) of a read table, each a line naming the entry: entries whose
+    variant's code changed since they were tuned, and those that record no fingerprint or
+    were tuned with other toolchain versions than the installed ones."""
+    from . import registry
+    from .table import key_text
+
+    stale, unknown, other_versions = [], 0, {}
+    installed = toolchain_versions()
+    for position, entry in enumerate(table.entries):
+        where = f"entries[{table.file_index(position)}]"
+        variant = registry.get_variant(entry.op, entry.variant)
+        status, why = code_status(entry.source, variant)
+        if status == "stale":
+            stale.append(f"{where} ({entry.variant} for {key_text(entry.key)}): stale: {why}")
+        unknown += status == "unknown"
+        recorded = entry.source.get("versions") if isinstance(entry.source, dict) else None
+        for name, version in (recorded or {}).items():
+            if name in installed and version != installed[name]:
+                other_versions.setdefault((name, version), []).append(where)
+    warnings = []
+    if unknown:
+        warnings.append(f"{unknown} of {len(table.entries)} entries record no fingerprint of "
+                        "their variant's code (unknown provenance); lookup uses them as they are")
+    for (name, version), places in sorted(other_versions.items(), key=str):
+        warnings.append(f"{len(places)} entries ({', '.join(places[:5])}"
+                        f"{', ...' if len(places) > 5 else ''}) were tuned with {name} {version}; "
+                        f"{installed[name]} is installed")
+    return stale, warnings

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from attnbench.kernels import registry
+from attnbench.kernels.fingerprint import toolchain_versions, variant_fingerprint
 from attnbench.kernels.table import key_text, make_key
 
 from .check import static_check
@@ -58,6 +59,8 @@ def _base_record(run: dict[str, Any], item: ProblemPlan, candidate: space.Candid
         "variant": candidate.variant.name, "config": candidate.config,
         "is_default": candidate.is_default, "round": round_index, "repeats": repeats,
         "key": make_key(shape, run["device_kind"]),
+        # The code measured, so a table entry can tell when its variant has changed since.
+        "fingerprint": variant_fingerprint(candidate.variant),
     }
     record.update(p.record_fields(shape))
     # How many sequences the problem serves, whatever the op calls them (batch, num_seqs):
@@ -161,7 +164,8 @@ def _now_tag() -> str:
 
 def _provenance(run: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": run["run_id"], "sweep": run["sweep_name"],
-            "sweep_file": run["sweep_file"], "sweep_sha256": run["sweep_sha256"]}
+            "sweep_file": run["sweep_file"], "sweep_sha256": run["sweep_sha256"],
+            "versions": run.get("versions")}
 
 
 def finish(run_dir: Path, *, install_winners: bool, echo: Echo) -> list:
@@ -244,7 +248,8 @@ def _start_in(run_dir: Path, sweep_path: Path, spec: SweepSpec, environment: dic
            # registry's defaults may change after the run.
            "default_variants": {op: registry.DEFAULT_VARIANT.get((op, environment["platform"]))
                                 for op in registry.OPERATOR_NAMES},
-           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "versions": toolchain_versions()}
     run_files.write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
     run_files.write_json_atomic(run_dir / run_files.RUN_FILE, run)
     echo(f"device {kind}; read bandwidth "
