@@ -79,10 +79,10 @@ def test_a_changed_kernel_or_toolchain_uses_another_cache_file(tmp_path, monkeyp
 
 def test_a_cache_file_merges_writes_and_survives_damage(tmp_path):
     path = tmp_path / "f.json"
-    compile_cache.store(path, {"a": cuda_check.KernelCompile("k", 1024, 40, 0)})
-    compile_cache.store(path, {"b": cuda_check.KernelCompile("k", error="boom")})
-    assert compile_cache.load(path) == {"a": cuda_check.KernelCompile("k", 1024, 40, 0),
-                                        "b": cuda_check.KernelCompile("k", error="boom")}
+    compile_cache.store(path, {"a": cuda_check.KernelCompile("k", 1024, 40, 0).to_json()})
+    compile_cache.store(path, {"b": cuda_check.KernelCompile("k", error="boom").to_json()})
+    assert compile_cache.load(path) == {"a": cuda_check.KernelCompile("k", 1024, 40, 0).to_json(),
+                                        "b": cuda_check.KernelCompile("k", error="boom").to_json()}
     path.write_text("{not json")
     assert compile_cache.load(path) == {}
 

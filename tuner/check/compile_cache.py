@@ -2,8 +2,9 @@
 
 One JSON file per (target, toolchain, variant, variant fingerprint) under the user's cache
 folder (``<user cache>/attnbench/static-check``), mapping kernel keys
-(:func:`cuda_check.kernel_key`) to what they compiled to. A change to a variant's code gives
-it a new fingerprint and so a new file; a new Triton, jax-triton or jaxlib a new folder.
+(:func:`cuda_check.kernel_key`, :func:`tpu_check.program_key`) to what they compiled to. A
+change to a variant's code gives it a new fingerprint and so a new file; a new Triton,
+jax-triton, libtpu or jaxlib a new folder.
 Several checks may share the cache: writes merge under a file lock and replace the file whole.
 """
 
@@ -14,9 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from attnbench.kernels.fingerprint import toolchain_versions, variant_fingerprint
+from typing import Any
 
-from .cuda_check import KernelCompile
+from attnbench.kernels.fingerprint import toolchain_versions, variant_fingerprint
 
 
 def default_cache_dir() -> Path:
@@ -27,7 +28,8 @@ def default_cache_dir() -> Path:
 
 def _toolchain_tag() -> str:
     versions = toolchain_versions()
-    return "_".join(f"{name}-{versions[name]}" for name in ("triton", "jax-triton", "jaxlib"))
+    return "_".join(f"{name}-{versions[name]}"
+                    for name in ("triton", "jax-triton", "libtpu", "jaxlib"))
 
 
 def cache_file(folder: Path, target_name: str, variant) -> Path:
@@ -35,17 +37,19 @@ def cache_file(folder: Path, target_name: str, variant) -> Path:
             / f"{variant.op}-{variant.name}-{variant_fingerprint(variant)}.json")
 
 
-def load(path: Path) -> dict[str, KernelCompile]:
-    """The kernel results in `path` ({} when there is none or it cannot be read: a cache
-    that is lost is rebuilt, never trusted half-read)."""
+def load(path: Path) -> dict[str, dict[str, Any]]:
+    """The results in `path` ({} when there is none or it cannot be read: a cache that is
+    lost is rebuilt, never trusted half-read)."""
     try:
         data = json.loads(path.read_text())
-        return {key: KernelCompile(**value) for key, value in data.items()}
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items() if isinstance(value, dict)}
 
 
-def store(path: Path, results: dict[str, KernelCompile]) -> None:
+def store(path: Path, results: dict[str, dict[str, Any]]) -> None:
     """Merges `results` into the file at `path` under its lock."""
     from filelock import FileLock
 
@@ -53,8 +57,8 @@ def store(path: Path, results: dict[str, KernelCompile]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        merged = {key: value.to_json() for key, value in load(path).items()}
-        merged.update({key: value.to_json() for key, value in results.items()})
+        merged = load(path)
+        merged.update(results)
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(handle, "w") as file:
             json.dump(merged, file, sort_keys=True)

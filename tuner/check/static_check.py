@@ -100,10 +100,12 @@ def _compile_task(problem, variant_name: str, config: dict[str, Any],
     return cuda_check.compile_kernels(problem, variant_name, variant.config_class(**config), target)
 
 
-class _Compiler:
-    """Runs compile tasks in this process (jobs=1) or in a pool of spawned CPU-only processes."""
+class Compiler:
+    """Runs compile tasks (module-level functions) in this process (jobs=1) or in a pool of
+    spawned CPU-only processes."""
 
-    def __init__(self, jobs: int):
+    def __init__(self, jobs: int, task: Callable = _compile_task):
+        self.task = task
         self.pool = None
         if jobs > 1:
             self.pool = concurrent.futures.ProcessPoolExecutor(
@@ -114,9 +116,9 @@ class _Compiler:
         """Yields (task index, result) as each finishes."""
         if self.pool is None:
             for index, task in enumerate(tasks):
-                yield index, _compile_task(*task)
+                yield index, self.task(*task)
             return
-        futures = {self.pool.submit(_compile_task, *task): index for index, task in enumerate(tasks)}
+        futures = {self.pool.submit(self.task, *task): index for index, task in enumerate(tasks)}
         for future in concurrent.futures.as_completed(futures):
             yield futures[future], future.result()
 
@@ -125,7 +127,11 @@ class _Compiler:
             self.pool.shutdown(cancel_futures=True)
 
 
-def _check_target(pairs, target: cuda_check.CudaTarget, compiler: _Compiler,
+def _store(path: Path, results: dict[str, cuda_check.KernelCompile]) -> None:
+    compile_cache.store(path, {key: value.to_json() for key, value in results.items()})
+
+
+def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
                   cache_dir: Path | None, echo: Echo) -> list[cuda_check.CheckResult]:
     """The verdicts on `pairs` for one target: every config is traced; each distinct kernel
     (:func:`cuda_check.kernel_key`) is compiled once, by exporting one config that launches
@@ -138,12 +144,17 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: _Compiler,
                                                    config, target))
         except Exception as error:  # noqa: BLE001 -- a config the launch code refuses is a result
             traced.append(f"{type(error).__name__}: {error}"[:2000])
-    variants = {candidate.variant.name: candidate.variant for _, candidate in pairs}
+    # By (op, name): variants of different operators may share a name.
+    variants = {(c.variant.op, c.variant.name): c.variant for _, c in pairs}
     files = {name: compile_cache.cache_file(cache_dir, target.name, variant)
              for name, variant in variants.items()} if cache_dir is not None else {}
     compiled: dict[str, cuda_check.KernelCompile] = {}
     for path in files.values():
-        compiled.update(compile_cache.load(path))
+        for key, value in compile_cache.load(path).items():
+            try:
+                compiled[key] = cuda_check.KernelCompile(**value)
+            except TypeError:
+                continue  # an entry of another layout: compiled again
     wanted = {k.key for kernels in traced if not isinstance(kernels, str) for k in kernels}
     cached = len(wanted & compiled.keys())
     echo(f"[{target.name}] {len(pairs)} configs launch {len(wanted)} distinct kernels; "
@@ -166,10 +177,10 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: _Compiler,
             break
         tasks = [(pairs[i][0].problem.problem, pairs[i][1].variant.name, pairs[i][1].config,
                   target) for i in chosen]
-        fresh: dict[str, dict[str, cuda_check.KernelCompile]] = {}
+        fresh: dict[tuple[str, str], dict[str, cuda_check.KernelCompile]] = {}
         for task_index, (results, error) in compiler.map(tasks):
             index = chosen[task_index]
-            variant = pairs[index][1].variant.name
+            variant = (pairs[index][1].variant.op, pairs[index][1].variant.name)
             compiled.update(results)
             fresh.setdefault(variant, {}).update(results)
             if error and not any(r.error for r in results.values()):
@@ -180,11 +191,11 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: _Compiler,
                      f"{len(wanted) - cached} kernels")
                 for name, results_of in fresh.items():
                     if name in files:
-                        compile_cache.store(files[name], results_of)
+                        _store(files[name], results_of)
                 fresh = {}
         for name, results_of in fresh.items():
             if name in files:
-                compile_cache.store(files[name], results_of)
+                _store(files[name], results_of)
         if not claimed & compiled.keys():
             break  # nothing new compiled: the rest cannot be
     verdicts = []
@@ -227,7 +238,7 @@ def run_check(sweep_path: Path, targets: list[cuda_check.CudaTarget], out_csv: P
     folder = (cache_dir or compile_cache.default_cache_dir()) if use_cache else None
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    compiler = _Compiler(jobs if pairs else 1)
+    compiler = Compiler(jobs if pairs else 1)
     try:
         with open(out_csv, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
