@@ -57,3 +57,12 @@ def test_a_mosaic_compile_error_is_a_verdict(tmp_path, monkeypatch):
 def test_unknown_tpu_target_names_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown TPU target 'tpu:v4'.*tpu:v5e"):
         tpu_check.parse_target("tpu:v4")
+
+
+def test_the_cli_refuses_an_unknown_tpu_target_by_name():
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    result = CliRunner().invoke(app, ["check", "--target", "tpu:v4"])
+    assert result.exit_code == 2 and "unknown TPU target" in result.output

@@ -160,6 +160,7 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
     echo(f"[{target.name}] {len(pairs)} configs launch {len(wanted)} distinct kernels; "
          f"{cached} are cached, compiling {len(wanted) - cached}")
     export_errors: dict[int, str] = {}
+    exported: set[int] = set()
     done = 0
     while True:
         # One config per kernel not compiled yet; a config that fails to export for a reason
@@ -167,7 +168,7 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
         claimed: set[str] = set()
         chosen = []
         for index, kernels in enumerate(traced):
-            if isinstance(kernels, str) or index in export_errors:
+            if isinstance(kernels, str) or index in exported:
                 continue
             missing = {k.key for k in kernels} - compiled.keys() - claimed
             if missing:
@@ -175,6 +176,7 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
                 chosen.append(index)
         if not chosen:
             break
+        exported |= set(chosen)  # each config is exported at most once
         tasks = [(pairs[i][0].problem.problem, pairs[i][1].variant.name, pairs[i][1].config,
                   target) for i in chosen]
         fresh: dict[tuple[str, str], dict[str, cuda_check.KernelCompile]] = {}
@@ -185,6 +187,10 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
             fresh.setdefault(variant, {}).update(results)
             if error and not any(r.error for r in results.values()):
                 export_errors[index] = error
+            missed = results.keys() - {k.key for k in traced[index]}
+            if missed:  # the verdicts would leave these kernels out: refuse to judge
+                export_errors[index] = (f"the export compiled {len(missed)} kernel(s) the trace "
+                                        "did not find; this config is not judged")
             done += 1
             if done % 25 == 0:
                 echo(f"[{target.name}] compiled {len(compiled.keys() & wanted) - cached}/"
@@ -196,8 +202,6 @@ def _check_target(pairs, target: cuda_check.CudaTarget, compiler: Compiler,
         for name, results_of in fresh.items():
             if name in files:
                 _store(files[name], results_of)
-        if not claimed & compiled.keys():
-            break  # nothing new compiled: the rest cannot be
     verdicts = []
     for index, kernels in enumerate(traced):
         if isinstance(kernels, str):
