@@ -331,12 +331,13 @@ def check(
     from attnbench.tuner.plan import sweep_file as sweep_files
 
     try:
-        targets = [tpu_check.parse_target(t) if t.startswith("tpu:") else cuda_check.parse_target(t)
-                   for t in target]
+        targets = [tpu_check.parse_target(t) if t.startswith("tpu:")
+                   else cuda_check.parse_target(t) for t in target]
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--target") from None
     runs = []
-    for checker, kind in ((static_check, cuda_check.CudaTarget), (tpu_static_check, tpu_check.TpuTarget)):
+    for checker, kind in ((static_check, cuda_check.CudaTarget),
+                          (tpu_static_check, tpu_check.TpuTarget)):
         of_kind = [t for t in targets if isinstance(t, kind)]
         if of_kind and sweep_file is not None:
             runs.append((checker, sweep_file, of_kind))
@@ -346,7 +347,8 @@ def check(
         for checker, path, path_targets in runs:
             csv_path = checker.default_csv_path(path, path_targets)
             if out is not None:  # one file per run when the targets need several runs
-                csv_path = out if len(runs) == 1 else out.with_stem(f"{out.stem}-{csv_path.stem}")
+                names = "-".join(t.name for t in path_targets)
+                csv_path = out if len(runs) == 1 else out.with_stem(f"{out.stem}-{names}")
             checker.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
                               limit=limit, echo=typer.echo, jobs=jobs, use_cache=cache)
     except (sweep_files.SweepFileError, FileNotFoundError) as error:

@@ -4,7 +4,6 @@ import json
 import sys
 import warnings
 
-import pytest
 from typer.testing import CliRunner
 
 from attnbench.cli import app
@@ -52,7 +51,8 @@ def test_an_entry_of_other_code_is_skipped_with_one_warning_naming_its_key():
     first, _, messages = choose_recording()
     assert first.source == "heuristic default"
     stale = [m for m in messages if "tuned on code 0123456789abcdef" in m]
-    assert len(stale) == 1 and "entries[0]" in stale[0] and "batch=8 max_len=4096" in stale[0], stale
+    assert len(stale) == 1 and "entries[0]" in stale[0], stale
+    assert "batch=8 max_len=4096" in stale[0]
     assert "re-tune" in stale[0]
 
 

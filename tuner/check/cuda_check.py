@@ -317,7 +317,8 @@ def judge(target: CudaTarget, kernels: list[TracedKernel],
           compiled: dict[str, KernelCompile]) -> CheckResult:
     """The verdict on a config from its traced launches and what their kernels compiled to."""
     if not kernels:
-        return CheckResult(target.name, "compile_error", "the call launched no Triton kernel for CUDA")
+        return CheckResult(target.name, "compile_error",
+                           "the call launched no Triton kernel for CUDA")
     resources = []
     for kernel in kernels:
         done = compiled.get(kernel.key)

@@ -2,10 +2,10 @@
 
 For each problem of a sweep file and each config of a variant that compiles GPU kernels
 (after validity rules and the file's constraints), the config is traced for each CUDA target;
-configs that launch the same kernels (many problems differ only in the grid) share one
-compile, compiles run in parallel processes, and kernel results are cached on disk
-(:mod:`compile_cache`), so a repeated check compiles only what changed. The rows go to a CSV; the sweep, on a GPU host, skips the configs found
-unlaunchable or uncompilable for its own target (status ``skipped_static``).
+configs that launch the same kernels (a config on problems that differ only in the grid)
+share one compile, compiles run in parallel processes, and kernel results are cached on disk
+(:mod:`compile_cache`), so a repeated check compiles only what changed. The rows go to a CSV;
+the sweep, on a GPU host, skips the configs found unlaunchable or uncompilable for its own target (status ``skipped_static``).
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def run_check(sweep_path: Path, targets: list[tpu_check.TpuTarget], out_csv: Pat
                          f"{' (' + row['reason'][:200] + ')' if row['reason'] else ''}{vmem}")
     finally:
         compiler.close()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "unlaunchable", "compile_error")}
+    counts = {status: sum(r["status"] == status for r in rows)
+              for status in ("ok", "unlaunchable", "compile_error")}
     echo(f"checked {len(pairs)} configs x {len(targets)} targets: {counts['ok']} ok, "
          f"{counts['unlaunchable']} unlaunchable, {counts['compile_error']} compile errors; "
          f"wrote {out_csv}")
