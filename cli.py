@@ -154,7 +154,8 @@ def lookup(
 
 @app.command()
 def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a sweep file (.yaml).")) -> None:
-    """Check a tuned table or sweep file against its schema; print each problem with its location."""
+    """Check a tuned table or sweep file against its schema; print each problem with its location.
+    A table's entries tuned on other code of their variant than the installed one are stale."""
     if not path.exists():
         typer.echo(f"{path}: no such file", err=True)
         raise typer.Exit(2)
@@ -174,6 +175,13 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
             problems = [f"(file): {error}"]
         except json.JSONDecodeError as error:
             problems = [f"(file): not valid JSON: {error}"]
+        if not problems:
+            from attnbench.kernels.fingerprint import table_code_report
+            from attnbench.kernels.table import read_table
+
+            problems, notes = table_code_report(read_table(path))
+            for note in notes:
+                typer.echo(f"{path}: warning: {note}")
     for problem in problems:
         typer.echo(f"{path}: {problem}")
     if problems:
@@ -374,31 +382,41 @@ def sweep(
 def check(
     sweep_file: Optional[Path] = typer.Argument(
         None, help="A sweep file (.yaml). Default: the shipped sweep of each target's GPU."),
-    target: list[str] = typer.Option(["cuda:sm_90"], help="CUDA target, e.g. cuda:sm_90 (repeatable)."),
+    target: list[str] = typer.Option(["cuda:sm_90"], help="CUDA target, e.g. cuda:sm_90, or TPU target tpu:v5e|tpu:v6e (repeatable)."),
     out: Optional[Path] = typer.Option(None, help="CSV of the results (default results/checks/<sweep>-<targets>.csv)."),
     shard: str = typer.Option("0/1", help="Check share I of N of the sweep's problems."),
     limit: Optional[int] = typer.Option(None, help="Check at most this many configs per variant."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Compile processes (default: one per core, at most 16)."),
+    cache: bool = typer.Option(True, "--cache/--no-cache",
+                               help="Reuse and keep kernel compile results in the user's cache folder."),
 ) -> None:
-    """Compile every GPU config a sweep would run for real CUDA targets (no GPU needed);
-    report shared memory, registers and spills, and which configs cannot launch."""
-    from attnbench.tuner.check import cuda_check, static_check
+    """Compile every GPU config a sweep would run for real CUDA targets, or every TPU kernel
+    config through Mosaic for TPU targets (no GPU or TPU needed); report shared memory,
+    registers and spills (GPU) or VMEM (TPU), and which configs cannot launch."""
+    from attnbench.tuner.check import cuda_check, static_check, tpu_check, tpu_static_check
     from attnbench.tuner.plan import sweep_file as sweep_files
 
     try:
-        targets = [cuda_check.parse_target(t) for t in target]
+        targets = [tpu_check.parse_target(t) if t.startswith("tpu:")
+                   else cuda_check.parse_target(t) for t in target]
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--target") from None
     runs = []
-    if sweep_file is not None:
-        runs.append((sweep_file, targets))
-    else:
-        for each in targets:
-            runs.append((sweep_files.sweeps_dir() / f"{each.device_kind}.yaml", [each]))
+    for checker, kind in ((static_check, cuda_check.CudaTarget),
+                          (tpu_static_check, tpu_check.TpuTarget)):
+        of_kind = [t for t in targets if isinstance(t, kind)]
+        if of_kind and sweep_file is not None:
+            runs.append((checker, sweep_file, of_kind))
+        for each in of_kind if sweep_file is None else []:
+            runs.append((checker, sweep_files.sweeps_dir() / f"{each.device_kind}.yaml", [each]))
     try:
-        for path, path_targets in runs:
-            csv_path = out or static_check.default_csv_path(path, path_targets)
-            static_check.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
-                                   limit=limit, echo=typer.echo)
+        for checker, path, path_targets in runs:
+            csv_path = checker.default_csv_path(path, path_targets)
+            if out is not None:  # one file per run when the targets need several runs
+                names = "-".join(t.name for t in path_targets)
+                csv_path = out if len(runs) == 1 else out.with_stem(f"{out.stem}-{names}")
+            checker.run_check(path, path_targets, csv_path, shard=_parse_shard(shard),
+                              limit=limit, echo=typer.echo, jobs=jobs, use_cache=cache)
     except (sweep_files.SweepFileError, FileNotFoundError) as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None

@@ -9,6 +9,7 @@ Sources, first hit wins:
 Within a source, entries must match the key's discrete fields exactly; among those the
 nearest size bucket (log2 distance) wins, after its config is clamped to the actual shape
 and re-checked. No match: the variant's heuristic default, with one warning per key.
+An entry tuned on other code of its variant (its recorded fingerprint differs) is skipped.
 
 This runs at trace time and is memoized, so a jitted call pays nothing per step.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import platformdirs
 
 from . import devices, registry
+from .fingerprint import code_status
 from .platform import current_device_kind, current_platform
 from .table import Entry, Table, TableError, key_distance, key_text, make_key, read_table
 from .tunables import KernelConfig
@@ -140,6 +142,8 @@ def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None
                 variant = registry.get_variant(shape.op, entry.variant)
                 if variant.unsupported_reason(shape, platform, interpret):
                     continue  # e.g. a GPU entry on a CPU: expected, not worth a warning
+                if not _code_matches(entry, variant, table, where, key):
+                    continue
                 try:
                     config = _config_from(variant, entry.config, shape)
                 except ValueError as error:
@@ -165,6 +169,25 @@ def _from_family_tables(shape, key, variant_name, platform, interpret) -> Choice
 
 
 _warned_keys: set[str] = set()
+
+
+def _code_matches(entry: Entry, variant: Variant, table: Table, where: str,
+                  key: dict[str, Any]) -> bool:
+    """False for an entry tuned on other code of its variant (one warning per key); an entry
+    that records no code fingerprint is used, with one warning per table."""
+    status, why = code_status(entry.source, variant)
+    if status == "stale":
+        text = f"stale {where} {key_text(key)}"
+        if text not in _warned_keys:
+            _warned_keys.add(text)
+            warnings.warn(f"attnbench: skipping tuned entry {where} for {key_text(key)}: {why}",
+                          stacklevel=8)
+        return False
+    if status == "unknown" and f"unknown {table.path}" not in _warned_keys:
+        _warned_keys.add(f"unknown {table.path}")
+        warnings.warn(f"attnbench: tuned entry {where} {why}: its provenance is unknown, so it "
+                      "is used as it is (warned once per table)", stacklevel=8)
+    return True
 
 
 def _warn_untuned(key: dict[str, Any], variant: Variant) -> None:

@@ -15,11 +15,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _isolated_tables(tmp_path, monkeypatch):
-    """Each test sees no user tuned folder and no $ATTNBENCH_TUNED unless it sets one."""
+    """Each test sees no user tuned folder, no $ATTNBENCH_TUNED unless it sets one, and a
+    cache folder of its own."""
     from attnbench.kernels import lookup
 
     monkeypatch.delenv(lookup.TUNED_ENV, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     lookup.clear_caches()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="attnbench: no tuned config")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from attnbench.kernels import registry
+from attnbench.kernels.fingerprint import toolchain_versions
 from attnbench.kernels.table import key_text
 
 from .backends import LOCAL, BackendChoice, open_session
@@ -47,7 +48,8 @@ def _now_tag() -> str:
 
 def _provenance(run: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": run["run_id"], "sweep": run["sweep_name"],
-            "sweep_file": run["sweep_file"], "sweep_sha256": run["sweep_sha256"]}
+            "sweep_file": run["sweep_file"], "sweep_sha256": run["sweep_sha256"],
+            "versions": run.get("versions")}
 
 
 def finish(run_dir: Path, *, install_winners: bool, echo: Echo) -> list:
@@ -140,7 +142,8 @@ def _start_in(session, run_dir: Path, sweep_path: Path, spec: SweepSpec,
            # registry's defaults may change after the run.
            "default_variants": {op: registry.DEFAULT_VARIANT.get((op, environment["platform"]))
                                 for op in registry.OPERATOR_NAMES},
-           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "versions": toolchain_versions()}
     run_files.write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
     run_files.write_json_atomic(run_dir / run_files.RUN_FILE, run)
     echo(f"device {kind}; read bandwidth "

@@ -69,6 +69,11 @@ class PallasTpuDecodeConfig(KernelConfig):
                     "budget of this target")
         return None
 
+    def vmem_estimate_bytes(self, shape: DecodeShape) -> int:
+        """This kernel's own estimate of the VMEM it needs (what the check reports: Mosaic's
+        compiled executables do not report their VMEM use)."""
+        return decode_vmem_bytes(self, shape)
+
     def clamp(self, shape: DecodeShape) -> PallasTpuDecodeConfig:
         tile = sublane_tile(shape.dtype)
         whole_cache = cdiv(shape.max_len, tile) * tile

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnbench.kernels.fingerprint import variant_fingerprint
 from attnbench.kernels.table import make_key
 
 from ..measure.accuracy import RELATIVE_ERROR_BOUND
@@ -35,6 +36,8 @@ def base_record(run: dict[str, Any], item: ProblemPlan, candidate: space.Candida
         "variant": candidate.variant.name, "config": candidate.config,
         "is_default": candidate.is_default, "round": round_index, "repeats": repeats,
         "key": make_key(shape, run["device_kind"]),
+        # The code measured, so a table entry can tell when its variant has changed since.
+        "fingerprint": variant_fingerprint(candidate.variant),
     }
     record.update(p.record_fields(shape))
     # How many sequences the problem serves, whatever the op calls them (batch, num_seqs):

@@ -32,6 +32,15 @@ class _Score:
     problems: int = 0
     reference_us: float = 0.0
     default_us: float = 0.0
+    fingerprints: set = dataclasses.field(default_factory=set)  # of the code measured
+
+    def fingerprint(self) -> str | None:
+        """The measured code's fingerprint; records of other code (a resumed run whose
+        variant changed) give one that matches no code, so lookup treats the entry as stale."""
+        known = sorted(f for f in self.fingerprints if f is not None)
+        if len(self.fingerprints) == 1:
+            return known[0] if known else None
+        return "mixed:" + "+".join(known or ["unknown"])
 
 
 def _last_round_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,6 +80,7 @@ def select_winners(records: list[dict[str, Any]], *, noise: float, platform: str
         name = canonical([record["variant"], record["config"]])
         score = scores.setdefault(key_text, {}).setdefault(
             name, _Score(record["variant"], record["config"], bool(record.get("is_default"))))
+        score.fingerprints.add(record.get("fingerprint"))
         score.median_us += record["median_us"]
         score.p20_us += record["p20_us"]
         score.p80_us += record["p80_us"]
@@ -103,6 +113,7 @@ def select_winners(records: list[dict[str, Any]], *, noise: float, platform: str
         per_problem = chosen.median_us / needed
         source = {
             **provenance,
+            "fingerprint": chosen.fingerprint(),
             "problems": sorted(labels[key_text]),
             "chosen": why,
             "p20_us": chosen.p20_us / needed,

@@ -1,0 +1,93 @@
+"""The static check compiles each distinct kernel once, in parallel, and keeps the results.
+
+Needs the CUDA jax plugin, jax-triton and triton (the `test` extra); the import below fails
+loudly without them.
+"""
+
+import csv
+
+import jax_triton  # noqa: F401 -- fails loudly without the CUDA plugin
+import pytest
+
+from attnbench.kernels import registry
+from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.tuner.check import compile_cache, cuda_check, static_check
+from attnbench.tuner.plan.sweep_file import sweeps_dir
+
+SM90 = cuda_check.TARGETS["sm_90"]
+
+
+def decode(batch):
+    return DecodeProblem(batch=batch, max_len=2048, q_heads=32, kv_heads=8, head_dim=128)
+
+
+def test_problems_that_differ_in_batch_launch_the_same_kernels_on_other_grids():
+    variant = registry.get_variant("decode", "triton_splitkv")
+    config = variant.default_config(decode(4).shape(0))
+    small = cuda_check.trace_kernels(decode(4), variant.name, config, SM90)
+    large = cuda_check.trace_kernels(decode(16), variant.name, config, SM90)
+    assert [k.key for k in small] == [k.key for k in large] and len(small) == 2
+    assert [k.grid for k in small] != [k.grid for k in large]
+    # Another target, or other warps, is another kernel.
+    other = cuda_check.trace_kernels(decode(4), variant.name, config, cuda_check.TARGETS["sm_80"])
+    assert {k.key for k in other}.isdisjoint(k.key for k in small)
+    warps = cuda_check.trace_kernels(decode(4), variant.name,
+                                     config.replace(num_warps=8 if config.num_warps != 8 else 4),
+                                     SM90)
+    assert warps[0].key != small[0].key
+
+
+def read(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_parallel_check_fills_the_cache_and_a_second_check_compiles_nothing(tmp_path,
+                                                                               monkeypatch):
+    sweep = sweeps_dir() / "nvidia-h100.yaml"
+    cache = tmp_path / "cache"
+    lines = []
+    cold = static_check.run_check(sweep, [SM90], tmp_path / "cold.csv", limit=1, jobs=2,
+                                  cache_dir=cache, echo=lines.append)
+    assert {row["variant"] for row in cold} == {v.name for v in cuda_check.gpu_kernel_variants()}
+    assert all(row["status"] == "ok" and int(row["registers_per_thread"]) > 0 for row in cold)
+    assert any("0 are cached" in line for line in lines)
+    files = sorted(cache.rglob("*.json"))
+    assert len(files) == len(cuda_check.gpu_kernel_variants())
+
+    def no_compiles(*args, **kwargs):
+        raise AssertionError("a cached kernel was compiled again")
+
+    monkeypatch.setattr(cuda_check, "compile_kernels", no_compiles)
+    warm = static_check.run_check(sweep, [SM90], tmp_path / "warm.csv", limit=1, jobs=1,
+                                  cache_dir=cache, echo=lines.append)
+    assert read(tmp_path / "warm.csv") == read(tmp_path / "cold.csv") and warm == cold
+    # Without the cache the same check must compile again.
+    with pytest.raises(AssertionError, match="compiled again"):
+        static_check.run_check(sweep, [SM90], tmp_path / "none.csv", limit=1, jobs=1,
+                               use_cache=False, echo=lines.append)
+
+
+def test_a_changed_kernel_or_toolchain_uses_another_cache_file(tmp_path, monkeypatch):
+    variant = registry.get_variant("decode", "triton_splitkv")
+    before = compile_cache.cache_file(tmp_path, "sm_90", variant)
+    monkeypatch.setattr(compile_cache, "variant_fingerprint", lambda v: "0" * 16)
+    assert compile_cache.cache_file(tmp_path, "sm_90", variant) != before
+    assert compile_cache.cache_file(tmp_path, "sm_80", variant).parent != before.parent
+    assert "triton-" in before.parent.name
+
+
+def test_a_cache_file_merges_writes_and_survives_damage(tmp_path):
+    path = tmp_path / "f.json"
+    compile_cache.store(path, {"a": cuda_check.KernelCompile("k", 1024, 40, 0).to_json()})
+    compile_cache.store(path, {"b": cuda_check.KernelCompile("k", error="boom").to_json()})
+    assert compile_cache.load(path) == {"a": cuda_check.KernelCompile("k", 1024, 40, 0).to_json(),
+                                        "b": cuda_check.KernelCompile("k", error="boom").to_json()}
+    path.write_text("{not json")
+    assert compile_cache.load(path) == {}
+
+
+def test_jobs_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="jobs: must be at least 1"):
+        static_check.run_check(sweeps_dir() / "nvidia-h100.yaml", [SM90], tmp_path / "x.csv",
+                               limit=1, jobs=0)
