@@ -22,13 +22,14 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .inputs import as_int32
+from .jax_compat import is_tracer
 
 
 def varying_axes(*trees: Any) -> frozenset[str]:
     """The mesh axes any array leaf of `trees` varies over (empty outside shard_map)."""
     axes: frozenset[str] = frozenset()
     for leaf in jax.tree.leaves(trees):
-        if isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        if isinstance(leaf, jax.Array) or is_tracer(leaf):
             axes |= jax.typeof(leaf).mat.varying
     return axes
 

@@ -46,7 +46,7 @@ def test_decode_shape_errors_name_the_argument(index, value, error, pattern):
     ({"sliding_window": 0}, "sliding_window must be an int >= 1"),
     ({"sliding_window": (3,)}, r"sliding_window as a tuple must be \(left, right\)"),
     ({"sliding_window": 2.5}, "sliding_window must be an int"),
-    ({"logits_soft_cap": -1.0}, "logits_soft_cap must be > 0"),
+    ({"logits_soft_cap": -1.0}, "logits_soft_cap must be a finite number > 0"),
     ({"softmax_scale": "big"}, "softmax_scale must be a Python float"),
     ({"sinks": jnp.zeros((HQ + 1, 2))}, r"sinks of rank 2 must have shape \[Hkv, num_sinks\] "
                                          r"with Hkv = 2 or \[Hq, num_sinks\] with Hq = 4, got \(5, 2\)"),

@@ -148,7 +148,7 @@ def prepare(
         query_start_loc=as_int32("query_start_loc", query_start_loc),
         distribution=as_int32("distribution", distribution),
         softmax_scale=scale, window_left=window_left, logits_soft_cap=soft_cap,
-        sinks=sinks_per_head(sinks, q_heads),
+        sinks=sinks_per_head(sinks, q_heads, kv_heads),
         k_scale=_scale("k_scale", k_scale, cache_dtype),
         v_scale=_scale("v_scale", v_scale, cache_dtype),
     )
