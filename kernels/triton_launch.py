@@ -27,7 +27,8 @@ import numpy as np
 
 from .sharding import out_struct
 
-# A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend), then the
+# A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend, then plain
+# Python ints: sizes passed at run time, so one compiled kernel serves every size), then the
 # outputs, each given as (shape, dtype name) and filled with NaN first, as
 # launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages), and returns the
 # outputs. Kernels take each output twice: once as the aliased NaN-filled input jax-triton passes
@@ -208,10 +209,12 @@ def gpu_launch(compute_capability: int | None) -> Launch:
 
     def launch(kernel, grid, inputs, out_shapes, constants, num_warps, num_stages):
         poisoned = [jnp.full(shape, jnp.nan, dtype) for shape, dtype in out_shapes]
+        # jax-triton numbers aliases among the array arguments only (ints are scalars).
+        arrays = sum(not isinstance(value, int) for value in inputs)
         outputs = jax_triton.triton_call(
             *inputs, *poisoned, kernel=kernel, grid=grid,
             out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes],
-            input_output_aliases={len(inputs) + i: i for i in range(len(out_shapes))},
+            input_output_aliases={arrays + i: i for i in range(len(out_shapes))},
             num_warps=num_warps, num_stages=num_stages,
             compute_capability=compute_capability, **constants)
         return tuple(outputs)

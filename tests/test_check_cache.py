@@ -11,23 +11,27 @@ import pytest
 
 from attnbench.kernels import registry
 from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.paged.problem import PagedProblem
 from attnbench.tuner.check import compile_cache, cuda_check, static_check
 from attnbench.tuner.plan.sweep_file import sweeps_dir
 
 SM90 = cuda_check.TARGETS["sm_90"]
 
 
-def decode(batch):
-    return DecodeProblem(batch=batch, max_len=2048, q_heads=32, kv_heads=8, head_dim=128)
+def decode(batch, max_len=2048):
+    return DecodeProblem(batch=batch, max_len=max_len, q_heads=32, kv_heads=8, head_dim=128)
 
 
-def test_problems_that_differ_in_batch_launch_the_same_kernels_on_other_grids():
+def test_problems_that_differ_in_batch_or_context_launch_the_same_kernels_on_other_grids():
     variant = registry.get_variant("decode", "triton_splitkv")
     config = variant.default_config(decode(4).shape(0))
     small = cuda_check.trace_kernels(decode(4), variant.name, config, SM90)
     large = cuda_check.trace_kernels(decode(16), variant.name, config, SM90)
     assert [k.key for k in small] == [k.key for k in large] and len(small) == 2
     assert [k.grid for k in small] != [k.grid for k in large]
+    # The context length is a run-time argument too.
+    longer = cuda_check.trace_kernels(decode(4, max_len=8192), variant.name, config, SM90)
+    assert [k.key for k in longer] == [k.key for k in small]
     # Another target, or other warps, is another kernel.
     other = cuda_check.trace_kernels(decode(4), variant.name, config, cuda_check.TARGETS["sm_80"])
     assert {k.key for k in other}.isdisjoint(k.key for k in small)
@@ -35,6 +39,22 @@ def test_problems_that_differ_in_batch_launch_the_same_kernels_on_other_grids():
                                      config.replace(num_warps=8 if config.num_warps != 8 else 4),
                                      SM90)
     assert warps[0].key != small[0].key
+
+
+def test_paged_batches_of_other_sizes_launch_the_same_kernels():
+    variant = registry.get_variant("paged", "triton")
+
+    def paged(num_seqs, max_len, prefill_fraction):
+        return PagedProblem(num_seqs=num_seqs, max_len=max_len, q_heads=16, kv_heads=4,
+                            head_dim=128, prefill_fraction=prefill_fraction, prefill_chunk=64)
+
+    base = paged(4, 1024, 0.0)
+    config = variant.default_config(base.shape(0)).replace(kv_splits=2)
+    keys = {tuple(k.key for k in cuda_check.trace_kernels(problem, variant.name, config, SM90))
+            for problem in (base, paged(8, 4096, 0.0), paged(8, 2048, 0.5))}
+    # Tokens, sequences, pages per sequence and pages all differ; the kernels do not (the
+    # binary search's step count is the one size-derived constant: 4 and 8 sequences share it).
+    assert len(keys) == 1 and len(next(iter(keys))) == 2
 
 
 def read(path):

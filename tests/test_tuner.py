@@ -208,6 +208,27 @@ def test_candidates_prune_and_always_keep_the_default(tmp_path, test_variants):
     assert reasons[(1, 128)] == "block 128 > S 64"
 
 
+def test_problems_that_differ_only_in_sizes_sample_the_same_configs(tmp_path, test_variants):
+    grid = {"extra_work": list(range(8)), "block": [16, 32, 64, 128]}
+    sized = [dict(TINY, batch=2, context=64), dict(TINY, batch=8, context=128),
+             dict(TINY, batch=2, context=64, q_heads=8)]
+    path = write_sweep(tmp_path / "s.yaml", {"decode": {
+        "problems": sized, "variants": {"test_good": {"grid": grid, "samples": 5}}}})
+    spec = load_sweep(path)
+
+    def sampled(problem):
+        return {space.canonical(c.config) for c in space.problem_candidates(
+            spec, problem, problem.problem.shape(), "cpu")
+            if c.variant.name == "test_good" and not c.is_default and not c.skip_reason}
+
+    small, large, other_heads = (sampled(p) for p in spec.problems)
+    assert len(small) == len(large) == len(other_heads) == 5
+    # Every config valid for both sizes (block <= 64) that the larger one drew, the smaller
+    # one drew too: the sample depends on the model, not on the batch or context.
+    assert {c for c in large if '"block":128' not in c} <= small
+    assert other_heads != small  # another model draws its own sample
+
+
 def test_selection_prefers_a_default_within_noise():
     def record(variant, config, median, default, problem="p", spread=0.01):
         return {"problem_id": problem, "round": 0, "status": "ok", "variant": variant,

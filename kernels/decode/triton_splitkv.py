@@ -7,7 +7,7 @@ program keeps an online softmax over its blocks and writes an unnormalized parti
 its max logit and its sum of weights. Stage 2 merges the splits of each (row, query head) and
 adds the sink to the denominator.
 
-The same launch code (:func:`_run_two_stages`: grids, strides, constexprs) drives either
+The same launch code (:func:`_run_two_stages`: grids, sizes, strides, constexprs) drives either
 jax-triton on a GPU or, with ``interpret=True``, Triton's interpreter on torch CPU tensors
 inside a ``jax.pure_callback``; only the two-line ``launch`` functions differ.
 
@@ -172,9 +172,13 @@ def fit_resources(config: TritonSplitKVConfig, shape: DecodeShape,
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    """Grids, constexprs and output shapes of both stages for one shape and config."""
+    """Grids, run-time sizes, constexprs and output shapes of both stages for one shape and
+    config. Sizes that vary from call to call (the cache length) are run-time arguments, so
+    one compiled kernel serves every batch and context; what shapes the code (heads, head
+    dim, blocks) is constexpr."""
 
     partial_grid: tuple[int, int, int]
+    partial_sizes: tuple[int, ...]  # (S,)
     partial_constants: dict[str, Any]
     partial_shapes: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) per output
     merge_grid: tuple[int, int]
@@ -205,14 +209,14 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
         SOFTMAX_SCALE=float(args.softmax_scale),
         WINDOW_LEFT=-1 if args.window_left is None else int(args.window_left),
         SOFT_CAP=0.0 if args.logits_soft_cap is None else float(args.logits_soft_cap),
-        SEQ_LEN=max_len, Q_HEADS=q_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
+        Q_HEADS=q_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=padded_head_dim(head_dim), HEAD_BLOCKS_PER_KV_HEAD=head_blocks,
         BLOCK_Q_HEADS=config.block_q_heads, KV_BLOCK_SIZE=config.kv_block_size,
         NUM_KV_SPLITS=splits,
         # float32 operands must not be rounded to tf32; 16-bit operands ignore this.
         DOT_PRECISION="ieee",
         query_stride_b=query_strides[0], query_stride_h=query_strides[1],
-        kv_stride_b=kv_strides[0], kv_stride_s=kv_strides[1], kv_stride_h=kv_strides[2],
+        kv_stride_s=kv_strides[1], kv_stride_h=kv_strides[2],
     )
     merge_constants = dict(
         HAS_SINKS=args.sinks is not None, Q_HEADS=q_heads, HEAD_DIM=head_dim,
@@ -220,6 +224,7 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
     )
     return LaunchPlan(
         partial_grid=(batch, kv_heads * head_blocks, splits),
+        partial_sizes=(max_len,),
         partial_constants=partial_constants,
         partial_shapes=(((batch, q_heads, splits, head_dim), "float32"),
                         ((batch, q_heads, splits), "float32"),
@@ -235,7 +240,8 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
 def _run_two_stages(launch: Launch, plan: LaunchPlan, kernels, query, key, value, start, end,
                     sinks):
     partial_kernel, merge_kernel = kernels
-    partial = launch(partial_kernel, plan.partial_grid, (query, key, value, start, end),
+    partial = launch(partial_kernel, plan.partial_grid,
+                     (query, key, value, start, end, *plan.partial_sizes),
                      plan.partial_shapes, plan.partial_constants, plan.num_warps, plan.num_stages)
     (out,) = launch(merge_kernel, plan.merge_grid, (*partial, sinks), (plan.out_shape,),
                     plan.merge_constants, MERGE_NUM_WARPS, 1)

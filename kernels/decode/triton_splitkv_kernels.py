@@ -23,6 +23,7 @@ def splitkv_partial_kernel(
     value_ptr,  # [B, S, Hkv, D]
     start_ptr,  # int32 [B]
     end_ptr,  # int32 [B]
+    seq_len,  # S: a run-time value, so one compiled kernel serves every context length
     partial_out_poisoned_ptr,  # unused: jax_triton passes an aliased input as its own pointer
     partial_max_poisoned_ptr,  # unused, as above
     partial_sum_poisoned_ptr,  # unused, as above
@@ -32,7 +33,6 @@ def splitkv_partial_kernel(
     SOFTMAX_SCALE: tl.constexpr,
     WINDOW_LEFT: tl.constexpr,  # key j needs j >= p - WINDOW_LEFT; < 0: no window
     SOFT_CAP: tl.constexpr,  # <= 0: no soft cap
-    SEQ_LEN: tl.constexpr,  # S
     Q_HEADS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,  # D
@@ -43,7 +43,7 @@ def splitkv_partial_kernel(
     NUM_KV_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     query_stride_b: tl.constexpr, query_stride_h: tl.constexpr,
-    kv_stride_b: tl.constexpr, kv_stride_s: tl.constexpr, kv_stride_h: tl.constexpr,
+    kv_stride_s: tl.constexpr, kv_stride_h: tl.constexpr,
 ):
     """Stage 1: one program = (batch row, KV head and block of its query heads, KV split)."""
     batch = tl.program_id(0)
@@ -52,8 +52,8 @@ def splitkv_partial_kernel(
     split = tl.program_id(2)
 
     # Clamped so that no value of start/end can move a load outside the cache.
-    end = tl.minimum(tl.maximum(tl.load(end_ptr + batch), 0), SEQ_LEN)
-    start = tl.minimum(tl.maximum(tl.load(start_ptr + batch), 0), SEQ_LEN)
+    end = tl.minimum(tl.maximum(tl.load(end_ptr + batch), 0), seq_len)
+    start = tl.minimum(tl.maximum(tl.load(start_ptr + batch), 0), seq_len)
     if WINDOW_LEFT >= 0:
         start = tl.maximum(start, end - 1 - WINDOW_LEFT)
     # Blocks are aligned to multiples of KV_BLOCK_SIZE; those holding [start, end) are shared
@@ -74,7 +74,9 @@ def splitkv_partial_kernel(
     query = tl.load(
         query_ptr + batch64 * query_stride_b + q_head[:, None] * query_stride_h + dim[None, :],
         mask=row_is_real[:, None] & dim_is_real[None, :], other=0.0)
-    kv_base = batch64 * kv_stride_b + kv_head * kv_stride_h
+    # The batch stride is S * kv_stride_s: a product with the constexpr stride keeps the
+    # alignment Triton needs to vectorize the loads.
+    kv_base = batch64 * seq_len * kv_stride_s + kv_head * kv_stride_h
 
     running_max = tl.full([BLOCK_Q_HEADS], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_Q_HEADS], tl.float32)

@@ -234,9 +234,13 @@ class LaunchPlan:
     """Grids, constexprs and output shapes of the kernel launches for one shape and config."""
 
     attention_grid: tuple[int, int, int]
+    # Sizes that vary from batch to batch are run-time arguments, so one compiled kernel
+    # serves every batch; what shapes the code (heads, head dim, page size, blocks) is constexpr.
+    attention_sizes: tuple[int, ...]  # (T, max_seqs, pages_per_seq, P)
     attention_constants: dict[str, Any]
     attention_outputs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) per output
     combine_grid: tuple[int, int] | None  # None: one kernel (kv_splits == 1)
+    combine_sizes: tuple[int, ...]  # (T, max_seqs)
     combine_constants: dict[str, Any]
     out_shape: tuple[tuple[int, ...], str]
     num_warps: int
@@ -261,14 +265,15 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
         HAS_SOFT_CAP=args.logits_soft_cap is not None,
         SOFT_CAP=1.0 if args.logits_soft_cap is None else float(args.logits_soft_cap),
         HAS_SINKS=has_sinks,
-        NUM_TOKENS=num_tokens, MAX_SEQS=max_seqs, PAGES_PER_SEQ=pages_per_seq,
-        PAGE_SIZE=page_size, NUM_PAGES=num_pages, Q_HEADS=q_heads, GROUP_SIZE=group_size,
+        PAGE_SIZE=page_size, Q_HEADS=q_heads, GROUP_SIZE=group_size,
         GROUP_PADDED=next_power_of_two(group_size), HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=padded_head_dim(head_dim), QUERIES_PER_BLOCK=queries,
         KV_TOKENS_PER_BLOCK=kv_tokens,
         KV_BLOCK=next_power_of_two(kv_tokens),
         KV_SPLITS=splits,
-        SEARCH_STEPS=(max_seqs + 1).bit_length(),
+        # Steps past the needed ones change nothing (each is guarded by low < high): rounded
+        # up to a multiple of 4 so that batches of 1 to 14, 15 to 254, ... sequences share a kernel.
+        SEARCH_STEPS=cdiv((max_seqs + 1).bit_length(), 4) * 4,
         # float32 operands must not be rounded to tf32; 16-bit operands ignore this.
         DOT_PRECISION="ieee",
     )
@@ -281,15 +286,17 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
         attention_outputs = (((splits, num_tokens, q_heads, head_dim), "float32"),
                              ((splits, num_tokens, q_heads, 2), "float32"))
     combine_constants = dict(
-        HAS_SINKS=has_sinks, NUM_TOKENS=num_tokens, MAX_SEQS=max_seqs, Q_HEADS=q_heads,
+        HAS_SINKS=has_sinks, Q_HEADS=q_heads,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded_head_dim(head_dim), KV_SPLITS=splits,
         SPLITS_PADDED=next_power_of_two(splits),
     )
     return LaunchPlan(
         attention_grid=(query_programs, kv_heads, splits),
+        attention_sizes=(num_tokens, max_seqs, pages_per_seq, num_pages),
         attention_constants=attention_constants,
         attention_outputs=attention_outputs,
         combine_grid=None if splits == 1 else (num_tokens, q_heads),
+        combine_sizes=(num_tokens, max_seqs),
         combine_constants=combine_constants,
         out_shape=out_shape,
         num_warps=config.num_warps,
@@ -302,13 +309,14 @@ def _run(launch: Launch, plan: LaunchPlan, kernels, queries, kv_pages, context_l
     attention_kernel, combine_kernel = kernels
     outputs = launch(attention_kernel, plan.attention_grid,
                      (queries, kv_pages, context_lens, page_table, query_start_loc, num_seqs,
-                      sinks),
+                      sinks, *plan.attention_sizes),
                      plan.attention_outputs, plan.attention_constants, plan.num_warps,
                      plan.num_stages)
     if plan.combine_grid is None:
         return outputs[0]
     (out,) = launch(combine_kernel, plan.combine_grid,
-                    (*outputs, query_start_loc, num_seqs, sinks), (plan.out_shape,),
+                    (*outputs, query_start_loc, num_seqs, sinks, *plan.combine_sizes),
+                    (plan.out_shape,),
                     plan.combine_constants, COMBINE_NUM_WARPS, 1)
     return out
 

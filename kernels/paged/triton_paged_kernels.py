@@ -35,6 +35,11 @@ def paged_attention_kernel(
     query_start_loc_ptr,  # int32 [max_seqs + 1]
     num_seqs_ptr,  # int32 [1]
     sinks_ptr,  # f32 [Hq] (a dummy [1] without sinks)
+    # Run-time sizes: one compiled kernel serves every batch of tokens, sequences and pages.
+    num_tokens,  # T
+    max_seqs,
+    pages_per_seq,
+    num_pages,  # P
     poisoned_output_ptr,  # unused: jax_triton passes each aliased NaN-filled input as a pointer
     poisoned_stats_ptr,  # unused, as above
     output_ptr,  # KV_SPLITS == 1: [T, Hq, D] final output; else f32 [KV_SPLITS, T, Hq, D] partials
@@ -45,11 +50,7 @@ def paged_attention_kernel(
     HAS_SOFT_CAP: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    NUM_TOKENS: tl.constexpr,  # T
-    MAX_SEQS: tl.constexpr,
-    PAGES_PER_SEQ: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    NUM_PAGES: tl.constexpr,  # P
     Q_HEADS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     GROUP_PADDED: tl.constexpr,  # GROUP_SIZE rounded up to a power of two
@@ -59,7 +60,7 @@ def paged_attention_kernel(
     KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE / sub_page_blocks
     KV_BLOCK: tl.constexpr,  # KV_TOKENS_PER_BLOCK rounded up to a power of two
     KV_SPLITS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,  # binary search steps over max_seqs + 1 candidates
+    SEARCH_STEPS: tl.constexpr,  # binary search steps over max_seqs + 1 candidates (log2)
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: a query block of one sequence (or padding rows) for one KV head."""
@@ -67,33 +68,33 @@ def paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ROWS: tl.constexpr = QUERIES_PER_BLOCK * GROUP_PADDED
-    MAX_LEN: tl.constexpr = PAGES_PER_SEQ * PAGE_SIZE
+    max_len = pages_per_seq * PAGE_SIZE
     q_stride_t: tl.constexpr = Q_HEADS * HEAD_DIM
     kv_stride_head: tl.constexpr = HEAD_DIM
     kv_stride_slot: tl.constexpr = 2 * (Q_HEADS // GROUP_SIZE) * HEAD_DIM
     kv_stride_page: tl.constexpr = PAGE_SIZE * kv_stride_slot
 
-    num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), MAX_SEQS)
+    num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), max_seqs)
 
     # First virtual sequence whose first program id is past this one (over 0..num_seqs).
     low = num_seqs * 0
     high = num_seqs + 1
     for _ in tl.static_range(SEARCH_STEPS):
         middle = (low + high) // 2
-        middle_start = tl.load(query_start_loc_ptr + tl.minimum(middle, MAX_SEQS))
-        middle_start = tl.minimum(tl.maximum(middle_start, 0), NUM_TOKENS)
+        middle_start = tl.load(query_start_loc_ptr + tl.minimum(middle, max_seqs))
+        middle_start = tl.minimum(tl.maximum(middle_start, 0), num_tokens)
         go_right = (low < high) & (middle_start // QUERIES_PER_BLOCK + middle + 1 <= program)
         go_left = (low < high) & (middle_start // QUERIES_PER_BLOCK + middle + 1 > program)
         low = tl.where(go_right, middle + 1, low)
         high = tl.where(go_left, middle, high)
     seq = low - 1  # in [-1, num_seqs]
 
-    begin_index = tl.minimum(tl.maximum(seq, 0), MAX_SEQS)
-    end_index = tl.minimum(seq + 1, MAX_SEQS)
-    begin = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr + begin_index), 0), NUM_TOKENS)
-    end = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr + end_index), 0), NUM_TOKENS)
+    begin_index = tl.minimum(tl.maximum(seq, 0), max_seqs)
+    end_index = tl.minimum(seq + 1, max_seqs)
+    begin = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr + begin_index), 0), num_tokens)
+    end = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr + end_index), 0), num_tokens)
     begin = tl.where(seq < 0, 0, begin)
-    end = tl.where(seq >= num_seqs, NUM_TOKENS, end)
+    end = tl.where(seq >= num_seqs, num_tokens, end)
     end = tl.maximum(end, begin)
     first_program = tl.where(seq < 0, 0, begin // QUERIES_PER_BLOCK + seq + 1)
     row0 = begin + (program - first_program) * QUERIES_PER_BLOCK
@@ -116,9 +117,9 @@ def paged_attention_kernel(
             zeros = tl.zeros([ROWS, HEAD_DIM_PADDED], dtype=output_ptr.dtype.element_ty)
             tl.store(output_ptr + row_offset[:, None] + dim[None, :], zeros, mask=store_mask)
     else:
-        seq_index = tl.minimum(seq, MAX_SEQS - 1)
+        seq_index = tl.minimum(seq, max_seqs - 1)
         context = tl.load(context_lens_ptr + seq_index)
-        context = tl.minimum(tl.maximum(context, 0), MAX_LEN)
+        context = tl.minimum(tl.maximum(context, 0), max_len)
         # Query row r of the sequence sits at context - q_len + r.
         first_position = context - (end - begin)
         position = first_position + (token - begin)
@@ -155,15 +156,15 @@ def paged_attention_kernel(
 
         slot = tl.arange(0, KV_BLOCK)
         kv_head_offset = 2 * kv_head * kv_stride_head
-        page_row_base = seq_index * PAGES_PER_SEQ
+        page_row_base = seq_index * pages_per_seq
         for block in range(block_begin, block_begin + num_blocks):
             key_position = block * KV_TOKENS_PER_BLOCK + slot
             key_is_real = ((slot < KV_TOKENS_PER_BLOCK) & (key_position >= key_begin)
                            & (key_position < key_end))
-            logical_page = tl.minimum(key_position // PAGE_SIZE, PAGES_PER_SEQ - 1)
+            logical_page = tl.minimum(key_position // PAGE_SIZE, pages_per_seq - 1)
             page = tl.load(page_table_ptr + page_row_base + logical_page, mask=key_is_real,
                            other=0)
-            page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
             slot_offset = (page * kv_stride_page + (key_position % PAGE_SIZE) * kv_stride_slot
                            + kv_head_offset)
             kv_mask = key_is_real[:, None] & dim_is_real[None, :]
@@ -200,7 +201,7 @@ def paged_attention_kernel(
             tl.store(output_ptr + row_offset[:, None] + dim[None, :],
                      result.to(output_ptr.dtype.element_ty), mask=store_mask)
         else:
-            split_rows: tl.constexpr = NUM_TOKENS * Q_HEADS
+            split_rows = num_tokens * Q_HEADS
             split_base = split.to(tl.int64) * split_rows
             tl.store(output_ptr + split_base * HEAD_DIM + row_offset[:, None] + dim[None, :],
                      accumulator, mask=store_mask)
@@ -215,11 +216,11 @@ def combine_splits_kernel(
     query_start_loc_ptr,  # int32 [max_seqs + 1]
     num_seqs_ptr,  # int32 [1]
     sinks_ptr,  # f32 [Hq] (a dummy [1] without sinks)
+    num_tokens,  # T, at run time like the attention kernel's sizes
+    max_seqs,
     poisoned_output_ptr,  # unused, aliased as output
     output_ptr,  # [T, Hq, D]
     HAS_SINKS: tl.constexpr,
-    NUM_TOKENS: tl.constexpr,
-    MAX_SEQS: tl.constexpr,
     Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
@@ -229,10 +230,10 @@ def combine_splits_kernel(
     """One program: one (token row, query head); merges the KV splits' partial softmaxes."""
     token = tl.program_id(0)
     q_head = tl.program_id(1)
-    num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), MAX_SEQS)
-    first_real = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr), 0), NUM_TOKENS)
+    num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), max_seqs)
+    first_real = tl.minimum(tl.maximum(tl.load(query_start_loc_ptr), 0), num_tokens)
     past_real = tl.load(query_start_loc_ptr + num_seqs)
-    past_real = tl.minimum(tl.maximum(past_real, 0), NUM_TOKENS)
+    past_real = tl.minimum(tl.maximum(past_real, 0), num_tokens)
     dim = tl.arange(0, HEAD_DIM_PADDED)
     dim_is_real = dim < HEAD_DIM
     row = token.to(tl.int64) * Q_HEADS + q_head
@@ -240,7 +241,7 @@ def combine_splits_kernel(
     if (token >= first_real) & (token < past_real):
         split = tl.arange(0, SPLITS_PADDED)
         split_is_real = split < KV_SPLITS
-        split_row = split.to(tl.int64) * (NUM_TOKENS * Q_HEADS) + row
+        split_row = split.to(tl.int64) * (num_tokens * Q_HEADS) + row
         split_max = tl.load(partial_stats_ptr + split_row * 2, mask=split_is_real,
                             other=float("-inf"))
         split_sum = tl.load(partial_stats_ptr + split_row * 2 + 1, mask=split_is_real, other=0.0)

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import itertools
 import math
-import random
 import zlib
 from typing import Any
 
@@ -51,6 +50,21 @@ def problem_seed(spec: SweepSpec, problem: SweepProblem) -> int:
     """The seed of a problem's inputs: fixed per sweep and problem, so a resumed run measures
     the same inputs, and different across problems."""
     return (spec.seed * 1_000_003 + zlib.crc32(problem_id(problem).encode())) % (2**31)
+
+
+def sample_seed(spec: SweepSpec, shape: Any) -> str:
+    """The seed of the configs sampled from a grid: the sweep's seed and the problem's table key
+    without its size axes. Problems of one model, dtype, page size and feature set then draw
+    the same configs whatever their batch and context, so their times compare config for
+    config, and the GPU compile check (where sizes are run-time arguments) builds each
+    kernel once for all of them."""
+    from attnbench.kernels.registry import get_operator
+    from attnbench.kernels.table import make_key
+
+    key = make_key(shape, device_kind="")
+    for axis in get_operator(shape.op).size_axes:
+        key.pop(axis, None)
+    return canonical([spec.seed, key])
 
 
 def measurement_id(problem: SweepProblem, variant: str, config: dict[str, Any],
@@ -95,9 +109,13 @@ def _constraint_failure(plan: VariantPlan, config: dict[str, Any],
 
 
 def variant_candidates(plan: VariantPlan, problem: SweepProblem, shape: Any, platform: str,
-                       search: Search, seed: int) -> list[Candidate]:
+                       search: Search, seed: str) -> list[Candidate]:
     """The candidates of one variant on one problem: the default first, then the grid
-    (sampled when the strategy or the variant asks), skipped combinations last."""
+    (sampled when the strategy or the variant asks), skipped combinations last.
+
+    A sample is the valid configs of lowest rank, each config's rank a hash of `seed` (see
+    :func:`sample_seed`) and the config alone: two problems whose valid sets overlap draw
+    the same configs from the overlap."""
     variant = plan.variant
     reason = variant.unsupported_reason(shape, platform, interpret=False)
     if reason:
@@ -126,15 +144,19 @@ def variant_candidates(plan: VariantPlan, problem: SweepProblem, shape: Any, pla
     samples = plan.samples if plan.samples is not None else (
         search.samples if search.strategy == "random" else None)
     if samples is not None and len(valid) > samples:
-        rng = random.Random(canonical([seed, variant.name]))
-        valid = rng.sample(valid, samples)
+        def rank(candidate: Candidate) -> str:
+            text = canonical([seed, variant.name, candidate.config])
+            return hashlib.sha1(text.encode()).hexdigest()
+
+        chosen = {id(c) for c in sorted(valid, key=rank)[:samples]}
+        valid = [c for c in valid if id(c) in chosen]  # grid order, as the full grid runs
     return [Candidate(variant, default, True)] + valid + skipped
 
 
 def problem_candidates(spec: SweepSpec, problem: SweepProblem, shape: Any,
                        platform: str) -> list[Candidate]:
     """Every candidate of every variant the file names for this problem's operator."""
-    seed = problem_seed(spec, problem)
+    seed = sample_seed(spec, shape)
     candidates = []
     for plan in spec.variants.get(problem.op, ()):
         candidates += variant_candidates(plan, problem, shape, platform, spec.search, seed)
