@@ -31,7 +31,8 @@ prefill/decode ratio), ``prefill_chunk``, ``padding_tokens`` (each op's problem 
 its own in ``sweep_fields``).
 
 A variant's ``grid`` lists values per tunable (tunables left out keep their default; no grid
-at all: the config's own sweep choices); ``samples: N`` draws N configs from that grid;
+at all: the config's own sweep choices); ``samples: N`` draws N configs from that grid, the
+same ones for problems that differ only in batch and context sizes (space.sample_seed);
 ``constraints`` are expressions (tuner/expressions.py) over tunables and problem sizes
 (:func:`constraint_names`). A variant named in the file but not registered is reported as a
 warning and left out, so a sweep written ahead of a variant picks it up when it lands.
