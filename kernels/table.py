@@ -83,6 +83,34 @@ def key_distance(wanted: dict[str, Any], candidate: dict[str, Any]) -> float | N
                for axis in size_axes)
 
 
+# Fields a nearest entry may differ in: the heads. Everything else that shapes the kernel's
+# work per head (dtype, head dim, page size, features, an op's own fields) must match.
+HEAD_FIELDS = ("q_heads", "kv_heads")
+
+
+def group_size(key: dict[str, Any]) -> float:
+    """Query heads per KV head of a key."""
+    return key["q_heads"] / key["kv_heads"]
+
+
+def nearest_distance(wanted: dict[str, Any],
+                     candidate: dict[str, Any]) -> tuple[float, float, float] | None:
+    """How far an entry tuned for other head counts is from a call, as (group size, KV heads,
+    size buckets), each a log2 distance, compared in that order; None when any other
+    discrete field differs.
+
+    The group size decides how a kernel lays out its query heads per KV row, so it ranks
+    first; the KV head count scales the work items a kernel spreads over the cores.
+    """
+    size_axes = _operator(wanted["op"]).size_axes
+    for field in set(DISCRETE_FIELDS) | (set(wanted) | set(candidate)) - set(size_axes):
+        if field not in HEAD_FIELDS and wanted.get(field) != candidate.get(field):
+            return None
+    sizes = sum(abs(math.log2(wanted[axis]) - math.log2(candidate[axis])) for axis in size_axes)
+    return (abs(math.log2(group_size(wanted)) - math.log2(group_size(candidate))),
+            abs(math.log2(wanted["kv_heads"]) - math.log2(candidate["kv_heads"])), sizes)
+
+
 # ---- The schema ---------------------------------------------------------------------------
 
 
