@@ -188,6 +188,7 @@ def _lookup_coverage(model: str, op: Optional[str], dtype: str, cache_dtype: Opt
 
     from attnbench.kernels import choose, registry
     from attnbench.kernels.table import key_text
+    from attnbench.kernels.variant import UnsupportedError
     from attnbench.tuner.plan.model_config import ModelConfigError, load_model
 
     for name, value in given.items():
@@ -222,6 +223,10 @@ def _lookup_coverage(model: str, op: Optional[str], dtype: str, cache_dtype: Opt
                             warnings.simplefilter("ignore")  # the report says it instead
                             choice = choose(shape, variant=variant, device_kind=device_kind,
                                             platform=platform)
+                    except UnsupportedError as error:
+                        counts["unsupported"] = counts.get("unsupported", 0) + 1
+                        typer.echo(f"  {operator.name:<9} {'':<24} unsupported: {error}")
+                        continue
                     except ValueError as error:
                         raise typer.BadParameter(str(error)) from None
                     counts[choice.kind] = counts.get(choice.kind, 0) + 1
@@ -234,7 +239,8 @@ def _lookup_coverage(model: str, op: Optional[str], dtype: str, cache_dtype: Opt
                         if choice.kind == "nearest":
                             typer.echo(f"{'':<12}tuned for {key_text(choice.entry.key)}")
     typer.echo("coverage: " + ", ".join(f"{counts.get(kind, 0)} {kind}"
-                                        for kind in ("tuned", "nearest", "heuristic")))
+                                        for kind in ("tuned", "nearest", "heuristic"))
+               + (f", {counts['unsupported']} unsupported" if "unsupported" in counts else ""))
 
 
 @app.command()
