@@ -324,7 +324,9 @@ def bench(
     problem: str = typer.Argument(
         "decode", help="decode, paged (decode-only batch), paged-mixed or paged-v3 (the paged "
                        "decode batch with the cache write fused in)."),
-    variant: Optional[list[str]] = typer.Option(None, help="Only these variants (repeatable)."),
+    variant: Optional[list[str]] = typer.Option(
+        None, help="Only these variants (repeatable); `auto` is the choice a call makes with "
+                   "no variant= or config= (timed first by default)."),
     sample: int = typer.Option(0, help="Also time this many random valid configs per variant."),
     repeats: int = typer.Option(10, help="Timed calls per config."),
     seed: int = typer.Option(0, help="Seed of the inputs and of the config sample."),
@@ -365,7 +367,7 @@ def bench(
         raise typer.BadParameter("; ".join(error.problems), param_hint="--set") from None
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
-    best = None
+    best = auto = None
     for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
                          timer=timer, cache=cache):
         if row.timing is None:
@@ -379,6 +381,10 @@ def bench(
                       if row.timing.wall_median_us is not None else "") + "]")
         if row.timing.timer_note:
             typer.echo(f"    note: {row.timing.timer_note}")
+        if row.source:
+            typer.echo(f"    the call's own choice ({row.source})")
+        if row.source:
+            auto = row
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
     if best is None:
@@ -386,6 +392,9 @@ def bench(
         raise typer.Exit(1)
     typer.echo(f"best: {best.variant} {json.dumps(best.config)}: {best.timing.median_us:.0f} us; "
                f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x")
+    if auto is not None:
+        typer.echo(f"auto: {auto.variant}: {auto.fraction_of_floor:.2f}x floor, "
+                   f"{auto.timing.median_us / best.timing.median_us:.2f}x the best timed here")
 
 
 def _model_sweep_file(base: Path, model: str, batch, context, page_size, tp: int) -> Path:
