@@ -110,11 +110,17 @@ def test_cli_sweep_model_dry_run_and_errors(tmp_path):
     config.parent.mkdir()
     config.write_text(json.dumps({"num_attention_heads": 6, "num_key_value_heads": 3,
                                   "head_dim": 32, "model_type": "tiny"}))
-    result = runner.invoke(app, ["sweep", "--quick", "--model", str(config.parent), "--batch",
+    base = tmp_path / "tiny.yaml"
+    base.write_text("devices: [cpu]\nops:\n  decode:\n    problems:\n"
+                    "      - {model: llama-3-8b, batch: 8, context: 8192}\n"
+                    "    variants:\n      reference: {}\n"
+                    "      xla_blocked: {grid: {kv_block_size: [64]}}\n")
+    result = runner.invoke(app, ["sweep", str(base), "--model", str(config.parent), "--batch",
                                  "2", "--context", "128", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "model model: full_attention: Hq=6 Hkv=3 D=32 (1 layers)" in result.output
-    assert "Hq6/Hkv3/D32" in result.output
+    assert "model model: full_attention: Hq=6 Hkv=3 D=32 (1 layer)" in result.output
+    assert "decode Hq6/Hkv3/D32 B=2 S=128" in result.output
+    assert "total: 1 problems, 3 configs to run" in result.output  # with the default
     bad = runner.invoke(app, ["sweep", "--quick", "--model", str(MODELS / "llama-3-8b.json"),
                               "--tp", "3", "--dry-run"])
     assert bad.exit_code != 0 and "--tp 3 must be >= 1 and divide" in bad.output

@@ -88,6 +88,7 @@ def write_model_sweep(base_path: Path, model: ModelAttention, folder: Path, *,
     base, _, problems = sweep_file.read_sweep_data(base_path)
     if problems:
         raise sweep_file.SweepFileError(str(base_path), problems)
+    base = {**base, "name": base.get("name") or base_path.stem} if isinstance(base, dict) else base
     data = model_sweep_data(base, model, batch=batch, context=context, page_size=page_size)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{data['name']}.yaml"
