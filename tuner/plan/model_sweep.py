@@ -86,9 +86,11 @@ def write_model_sweep(base_path: Path, model: ModelAttention, folder: Path, *,
     """Writes the model's sweep file into `folder` and checks it; returns its path.
     SweepFileError names the base file's problems, or the derived file's."""
     base, _, problems = sweep_file.read_sweep_data(base_path)
+    if not problems and not isinstance(base, dict):
+        problems = ["(top level): must be a mapping with devices, ops, ..."]
     if problems:
         raise sweep_file.SweepFileError(str(base_path), problems)
-    base = {**base, "name": base.get("name") or base_path.stem} if isinstance(base, dict) else base
+    base = {**base, "name": base.get("name") or base_path.stem}
     data = model_sweep_data(base, model, batch=batch, context=context, page_size=page_size)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{data['name']}.yaml"
