@@ -149,3 +149,18 @@ def test_cli_coverage_report_of_a_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "coverage: 0 tuned, 1 nearest, 1 heuristic" in result.output
     assert "tuned for cpu/decode bfloat16 Hq=64 Hkv=8 D=64" in result.output
+
+
+def test_a_paged_entry_of_another_page_size_is_a_nearest_one():
+    from attnbench.kernels.registry import get_operator
+
+    paged = get_operator("paged")
+    shape = paged.lookup_shape(q_heads=40, kv_heads=8, head_dim=128, dtype="bfloat16",
+                               features=frozenset(), sizes={"max_len": 3072, "tokens": 12,
+                                                            "page_size": 32})
+    key = make_key(shape, "cpu")
+    tuned = key | {"q_heads": 32, "page_size": 16}
+    other_pages = key | {"page_size": 16}
+    assert nearest_distance(key, other_pages)[:3] == (0.0, 0.0, 1.0)
+    assert nearest_distance(key, other_pages) < nearest_distance(key, tuned)
+    assert nearest_distance(key, make_key(SHAPE, "cpu")) is None  # another op's key
