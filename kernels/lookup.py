@@ -9,10 +9,10 @@ Sources, first hit wins:
 Within a source, entries must match the key's discrete fields exactly; among those the
 nearest size bucket (log2 distance) wins, after its config is clamped to the actual shape
 and re-checked. With no exact match in any source (nor on a sibling chip), the nearest
-entry tuned on this device for other head counts or another page size is used: same op,
-dtype, head dim and features; nearest group size Hq/Hkv, then KV heads, then page size, then
-size buckets (each a log2 distance); the first whose config is valid for the actual shape
-wins, and its source names the key it was tuned for. No match: the variant's heuristic default, with one warning per
+entry tuned on this device for other head counts is used: same op, dtype, head dim, page
+size and features; nearest group size Hq/Hkv, then KV heads, then size buckets (each a log2
+distance); the first whose config is valid for the actual shape wins, and its source names
+the key it was tuned for. No match: the variant's heuristic default, with one warning per
 key. `Choice.chain` records each step, for `attnbench lookup`.
 An entry tuned on other code of its variant (its recorded fingerprint differs) is skipped.
 
@@ -122,7 +122,7 @@ class Choice:
 
     @property
     def kind(self) -> str:
-        """tuned (an entry for this key), nearest (one tuned for other heads or pages), heuristic
+        """tuned (an entry for this key), nearest (one tuned for other heads), heuristic
         (no entry) or explicit (config=)."""
         if self.entry is None:
             return "explicit" if self.source == "explicit config" else "heuristic"
@@ -196,8 +196,7 @@ def _from_tables(shape, key, variant_name, platform, interpret,
 
 
 def _heads_text(key: dict[str, Any]) -> str:
-    page = f" page_size={key['page_size']}" if key.get("page_size") is not None else ""
-    return f"Hq={key['q_heads']} Hkv={key['kv_heads']} (group {group_size(key):g}){page}"
+    return f"Hq={key['q_heads']} Hkv={key['kv_heads']} (group {group_size(key):g})"
 
 
 def _from_nearest(shape, key, variant_name, platform, interpret,
@@ -210,15 +209,15 @@ def _from_nearest(shape, key, variant_name, platform, interpret,
                 if variant_name is not None and entry.variant != variant_name:
                     continue
                 distance = nearest_distance(key, entry.key)
-                # Entries with the key's own heads and pages were tried (and passed over).
-                if distance is None or distance[:3] == (0.0, 0.0, 0.0):
+                # Entries with the key's own heads were tried (and passed over) already.
+                if distance is None or distance[:2] == (0.0, 0.0):
                     continue
                 time = entry.time_us if entry.time_us is not None else float("inf")
                 ranked.append((distance, rank, time, index, label, table, entry))
     ranked.sort(key=lambda item: item[:4])
     if not ranked:
-        chain.append("nearest: no entry on this device with the same op, dtype, head dim "
-                     "and features")
+        chain.append("nearest: no entry on this device with the same op, dtype, head dim, "
+                     "page size and features")
     for _, _, _, index, label, table, entry in ranked:
         where = f"{table.path} entries[{table.file_index(index)}]"
         usable = _usable(shape, key, entry, table, where, platform, interpret, chain,

@@ -83,9 +83,10 @@ def key_distance(wanted: dict[str, Any], candidate: dict[str, Any]) -> float | N
                for axis in size_axes)
 
 
-# Fields a nearest entry may differ in: the heads and the page size. Everything else that
-# shapes the kernel's work (dtype, head dim, features, an op's own fields) must match.
-NEAREST_FIELDS = ("q_heads", "kv_heads", "page_size")
+# Fields a nearest entry may differ in: the heads. Everything else that shapes the kernel's
+# work must match: dtype, head dim, features, an op's own fields, and the page size (paged
+# configs count their blocks in pages, so another page size is another block size).
+NEAREST_FIELDS = ("q_heads", "kv_heads")
 
 
 def group_size(key: dict[str, Any]) -> float:
@@ -93,30 +94,26 @@ def group_size(key: dict[str, Any]) -> float:
     return key["q_heads"] / key["kv_heads"]
 
 
-def _log2_distance(a: int | None, b: int | None) -> float:
-    return 0.0 if a == b else abs(math.log2(a) - math.log2(b))
+def _log2_distance(a: float, b: float) -> float:
+    return abs(math.log2(a) - math.log2(b))
 
 
 def nearest_distance(wanted: dict[str, Any],
-                     candidate: dict[str, Any]) -> tuple[float, float, float, float] | None:
-    """How far an entry tuned for other heads (or another page size) is from a call, as
-    (group size, KV heads, page size, size buckets), each a log2 distance, compared in that
-    order; None when any other discrete field differs.
+                     candidate: dict[str, Any]) -> tuple[float, float, float] | None:
+    """How far an entry tuned for other heads is from a call, as (group size, KV heads, size
+    buckets), each a log2 distance, compared in that order; None when any other discrete
+    field differs.
 
     The group size decides how a kernel lays out its query heads per KV row, so it ranks
-    first; the KV head count scales the work items a kernel spreads over the cores; a page
-    size changes only where a paged kernel's blocks are cut.
+    first; the KV head count scales the work items a kernel spreads over the cores.
     """
     size_axes = _operator(wanted["op"]).size_axes
     for field in set(DISCRETE_FIELDS) | (set(wanted) | set(candidate)) - set(size_axes):
         if field not in NEAREST_FIELDS and wanted.get(field) != candidate.get(field):
             return None
-    if (wanted.get("page_size") is None) != (candidate.get("page_size") is None):
-        return None
     sizes = sum(_log2_distance(wanted[axis], candidate[axis]) for axis in size_axes)
     return (_log2_distance(group_size(wanted), group_size(candidate)),
-            _log2_distance(wanted["kv_heads"], candidate["kv_heads"]),
-            _log2_distance(wanted.get("page_size"), candidate.get("page_size")), sizes)
+            _log2_distance(wanted["kv_heads"], candidate["kv_heads"]), sizes)
 
 
 # ---- The schema ---------------------------------------------------------------------------
