@@ -95,9 +95,10 @@ def heuristic(shape: PagedShape) -> XlaDecodeConfig:
     pages two per step won on Llama-3-8B (8 x 8K contexts), gpt-oss (16 long-tail 4K
     contexts) and a Qwen-2.5-7B-like group of 7 (4 x 4K), where the previous default (four
     256-position blocks per step) was 1.8x slower; with 32-position pages (Hq=40, Hkv=8, 12 x
-    3K contexts) 16 pages one per step won. Steps of four blocks, and blocks of 2048
-    positions, were 1.5x-3x slower: the last block of a context computes masked positions,
-    and a step waits for its slowest block.
+    3K contexts) 16 pages one per step and 8 pages two per step were the two fastest (their
+    order swapped between two runs on a loaded machine). Steps of 1024 positions or more,
+    and blocks of 2048, were 1.5x-3x slower: the last block of a context computes masked
+    positions, and a step waits for its slowest block.
     """
     pages = min(16, max(1, floor_power_of_two(max(512 // shape.page_size, 1))))
     return XlaDecodeConfig(
