@@ -91,15 +91,20 @@ def list_variants(
 
 @app.command()
 def lookup(
-    op: str = typer.Option(..., help="The operator: decode, paged, ..."),
+    op: Optional[str] = typer.Option(None, help="The operator: decode, paged, ... (with --model: "
+                                                "only this one; default every operator)."),
     dtype: str = typer.Option("bfloat16", help="Key/value dtype."),
     cache_dtype: Optional[str] = typer.Option(
         None, help="paged_v3: the cache's stored dtype (default: --dtype)."),
-    q_heads: int = typer.Option(..., min=1, help="Query heads Hq."),
-    kv_heads: int = typer.Option(..., min=1, help="Key/value heads Hkv."),
-    head_dim: int = typer.Option(..., min=1, help="Head dim D."),
-    batch: int = typer.Option(1, min=1, help="decode: batch B."),
-    max_len: int = typer.Option(..., min=1, help="decode: cache length S; paged: longest context."),
+    q_heads: Optional[int] = typer.Option(None, min=1, help="Query heads Hq."),
+    kv_heads: Optional[int] = typer.Option(None, min=1, help="Key/value heads Hkv."),
+    head_dim: Optional[int] = typer.Option(None, min=1, help="Head dim D."),
+    batch: Optional[list[int]] = typer.Option(
+        None, min=1, help="decode: batch B (default 1); with --model, repeatable (default 1, 8, "
+                          "32) and also the paged operators' decode sequences."),
+    max_len: Optional[list[int]] = typer.Option(
+        None, min=1, help="decode: cache length S; paged: longest context. With --model, "
+                          "repeatable (default 2048, 8192, 32768)."),
     tokens: int = typer.Option(1, min=1, help="paged: query tokens T."),
     page_size: int = typer.Option(16, min=1, help="paged: page size."),
     max_seqs: Optional[int] = typer.Option(None, min=1,
@@ -110,13 +115,31 @@ def lookup(
     platform: Optional[str] = typer.Option(None, help="cpu, gpu or tpu (default: this one)."),
     tp: int = typer.Option(1, help="Tensor-parallel shards: heads split over N devices "
                                    "(mesh=); the key is the per-shard shape."),
+    model: Optional[str] = typer.Option(
+        None, help="Coverage of a model (a config.json, its folder, or a preset): for each "
+                   "layer type, operator and size bucket, whether a tuned entry, a nearest "
+                   "entry or the heuristic default would be used."),
 ) -> None:
-    """Print the variant and config an operator call would use, and where it came from."""
+    """Print the variant and config an operator call would use, where it came from, and the
+    steps of the lookup; with --model, a coverage report of the model's layer types."""
     import warnings
 
     from attnbench.kernels import choose, get_operator
     from attnbench.kernels.table import key_text
 
+    if model is not None:
+        _lookup_coverage(model, op, dtype, cache_dtype, batch, max_len, page_size, variant,
+                         device_kind, platform, tp,
+                         given={"--q-heads": q_heads, "--kv-heads": kv_heads,
+                                "--head-dim": head_dim, "--features": features or None})
+        return
+    for name, value in (("--op", op), ("--q-heads", q_heads), ("--kv-heads", kv_heads),
+                        ("--head-dim", head_dim), ("--max-len", max_len)):
+        if value is None:
+            raise typer.BadParameter("is required (or give --model)", param_hint=name)
+    for name, values in (("--batch", batch), ("--max-len", max_len)):
+        if values is not None and len(values) > 1:
+            raise typer.BadParameter("takes one value without --model", param_hint=name)
     feature_set = _parse_features(features)
     if q_heads % kv_heads:
         raise typer.BadParameter(f"--q-heads {q_heads} must be a multiple of --kv-heads "
@@ -132,7 +155,8 @@ def lookup(
     try:
         shape = operator.lookup_shape(
             q_heads=q_heads // tp, kv_heads=kv_heads // tp, head_dim=head_dim, dtype=dtype,
-            features=feature_set, sizes={"batch": batch, "max_len": max_len, "tokens": tokens,
+            features=feature_set, sizes={"batch": batch[0] if batch else 1,
+                                         "max_len": max_len[0], "tokens": tokens,
                                          "page_size": page_size, "max_seqs": max_seqs,
                                          "cache_dtype": cache_dtype})
     except ValueError as error:
@@ -150,6 +174,73 @@ def lookup(
     if choice.entry is not None:
         typer.echo(f"entry:   key {key_text(choice.entry.key)}; time {choice.entry.time_us} us; "
                    f"from {json.dumps(choice.entry.source)}")
+    for position, step in enumerate(choice.chain, 1):
+        typer.echo(f"{'chain:' if position == 1 else '':<8} {position}. {step}")
+
+
+def _lookup_coverage(model: str, op: Optional[str], dtype: str, cache_dtype: Optional[str],
+                     batch: Optional[list[int]], max_len: Optional[list[int]], page_size: int,
+                     variant: Optional[str], device_kind: Optional[str],
+                     platform: Optional[str], tp: int, given: dict) -> None:
+    """`attnbench lookup --model`: per layer type, operator and size bucket, which kind of
+    choice a decode step of that size gets."""
+    import warnings
+
+    from attnbench.kernels import choose, registry
+    from attnbench.kernels.table import key_text
+    from attnbench.kernels.variant import UnsupportedError
+    from attnbench.tuner.plan.model_config import ModelConfigError, load_model
+
+    for name, value in given.items():
+        if value is not None:
+            raise typer.BadParameter("the model's layer types give the heads and features; "
+                                     "drop it or --model", param_hint=name)
+    try:
+        attention = load_model(model, tp)
+    except ModelConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--model") from None
+    try:
+        operators = [registry.get_operator(op)] if op is not None else list(registry.OPERATORS)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--op") from None
+    batches, lengths = batch or [1, 8, 32], max_len or [2048, 8192, 32768]
+    counts: dict[str, int] = {}
+    typer.echo(f"model {attention.name}" + (f", per shard of {tp}" if tp > 1 else ""))
+    for layer in attention.layer_types:
+        typer.echo(f"layer {layer.describe()}")
+        for operator in operators:
+            for sequences in batches:
+                for length in lengths:
+                    sizes = {"batch": sequences, "max_len": length, "tokens": sequences,
+                             "max_seqs": sequences, "page_size": page_size,
+                             "cache_dtype": cache_dtype}
+                    try:
+                        shape = operator.lookup_shape(
+                            q_heads=layer.q_heads, kv_heads=layer.kv_heads,
+                            head_dim=layer.head_dim, dtype=dtype, features=layer.features,
+                            sizes=sizes)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")  # the report says it instead
+                            choice = choose(shape, variant=variant, device_kind=device_kind,
+                                            platform=platform)
+                    except UnsupportedError as error:
+                        counts["unsupported"] = counts.get("unsupported", 0) + 1
+                        typer.echo(f"  {operator.name:<9} {'':<24} unsupported: {error}")
+                        continue
+                    except ValueError as error:
+                        raise typer.BadParameter(str(error)) from None
+                    counts[choice.kind] = counts.get(choice.kind, 0) + 1
+                    bucket = " ".join(f"{axis}={choice.key[axis]}"
+                                      for axis in operator.size_axes)
+                    typer.echo(f"  {operator.name:<9} {bucket:<24} {choice.kind:<9} "
+                               f"{choice.variant.name} {json.dumps(choice.config.to_dict())}")
+                    if choice.entry is not None:
+                        typer.echo(f"{'':<12}from {choice.source}")
+                        if choice.kind == "nearest":
+                            typer.echo(f"{'':<12}tuned for {key_text(choice.entry.key)}")
+    typer.echo("coverage: " + ", ".join(f"{counts.get(kind, 0)} {kind}"
+                                        for kind in ("tuned", "nearest", "heuristic"))
+               + (f", {counts['unsupported']} unsupported" if "unsupported" in counts else ""))
 
 
 @app.command()
@@ -233,7 +324,9 @@ def bench(
     problem: str = typer.Argument(
         "decode", help="decode, paged (decode-only batch), paged-mixed or paged-v3 (the paged "
                        "decode batch with the cache write fused in)."),
-    variant: Optional[list[str]] = typer.Option(None, help="Only these variants (repeatable)."),
+    variant: Optional[list[str]] = typer.Option(
+        None, help="Only these variants (repeatable); `auto` is the choice a call makes with "
+                   "no variant= or config= (timed first by default)."),
     sample: int = typer.Option(0, help="Also time this many random valid configs per variant."),
     repeats: int = typer.Option(10, help="Timed calls per config."),
     seed: int = typer.Option(0, help="Seed of the inputs and of the config sample."),
@@ -274,7 +367,7 @@ def bench(
         raise typer.BadParameter("; ".join(error.problems), param_hint="--set") from None
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
-    best = None
+    best = auto = None
     for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
                          timer=timer, cache=cache):
         if row.timing is None:
@@ -288,6 +381,10 @@ def bench(
                       if row.timing.wall_median_us is not None else "") + "]")
         if row.timing.timer_note:
             typer.echo(f"    note: {row.timing.timer_note}")
+        if row.source:
+            typer.echo(f"    the call's own choice ({row.source})")
+        if row.source:
+            auto = row
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
     if best is None:
@@ -295,6 +392,29 @@ def bench(
         raise typer.Exit(1)
     typer.echo(f"best: {best.variant} {json.dumps(best.config)}: {best.timing.median_us:.0f} us; "
                f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x")
+    if auto is not None:
+        typer.echo(f"auto: {auto.variant}: {auto.fraction_of_floor:.2f}x floor, "
+                   f"{auto.timing.median_us / best.timing.median_us:.2f}x the best timed here")
+
+
+def _model_sweep_file(base: Path, model: str, batch, context, page_size, tp: int) -> Path:
+    """Writes the sweep file of `model`'s layer types (tuner/plan/model_sweep.py)."""
+    import tempfile
+
+    from attnbench.tuner.plan.model_config import ModelConfigError, load_model
+    from attnbench.tuner.plan.model_sweep import write_model_sweep
+
+    try:
+        attention = load_model(model, tp)
+    except ModelConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--model") from None
+    for layer in attention.layer_types:
+        typer.echo(f"model {attention.name}: {layer.describe()}")
+    folder = Path(tempfile.mkdtemp(prefix="attnbench-model-sweep-"))
+    path = write_model_sweep(base, attention, folder, batch=batch or [], context=context or [],
+                             page_size=page_size or [])
+    typer.echo(f"model sweep file: {path}")
+    return path
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
@@ -327,6 +447,19 @@ def sweep(
                                           "default: start Ray on this host. Needs --backend ray."),
     workers: Optional[int] = typer.Option(None, help="Ray actors at most; on a CPU-only cluster, "
                                           "how many CPU actors (default: one per CPU)."),
+    model: Optional[str] = typer.Option(
+        None, help="Tune this model's attention layer types: a Hugging Face config.json (or its "
+                   "folder) or a preset name; the sweep file supplies variants, grids, timing "
+                   "and the sizes its problems use."),
+    batch: Optional[list[int]] = typer.Option(
+        None, min=1, help="With --model: sequences per call (repeatable; default: the sweep "
+                          "file's)."),
+    context: Optional[list[int]] = typer.Option(
+        None, min=1, help="With --model: cache length / longest context (repeatable)."),
+    page_size: Optional[list[int]] = typer.Option(
+        None, min=1, help="With --model: page size of the paged operators (repeatable)."),
+    tp: int = typer.Option(1, help="With --model: tensor-parallel shards; the sweep tunes the "
+                                   "heads one shard holds (Hq / tp, Hkv / tp)."),
 ) -> None:
     """Tune this device: run a sweep file, record every measurement, install the winners."""
     from attnbench.tuner import sweep as runner
@@ -337,8 +470,9 @@ def sweep(
     try:
         choice = BackendChoice(backend, address, workers)
         if resume is not None:
-            if sweep_file is not None or quick:
-                raise typer.BadParameter("--resume takes no sweep file and no --quick")
+            if sweep_file is not None or quick or model is not None:
+                raise typer.BadParameter("--resume takes no sweep file, no --quick and no "
+                                         "--model (the run folder keeps its sweep file)")
             runner.resume_sweep(resume, install_winners=install, echo=typer.echo, backend=choice)
             return
         if quick:
@@ -354,6 +488,14 @@ def sweep(
             if chosen.warning:
                 typer.echo(f"warning: {chosen.warning}", err=True)
             typer.echo(f"device {environment['device_kind']}: using {path} ({chosen.match})")
+        if model is not None:
+            path = _model_sweep_file(path, model, batch, context, page_size, tp)
+        else:
+            for name, given in (("--batch", batch), ("--context", context),
+                                ("--page-size", page_size), ("--tp", tp != 1)):
+                if given:
+                    raise typer.BadParameter("sizes are for --model only; a sweep file "
+                                             "names its own", param_hint=name)
         if choice.name != "local" and (dry_run or check_only):
             raise typer.BadParameter("--dry-run and --check-only run nothing on a backend; "
                                      "drop --backend", param_hint="--backend")

@@ -8,7 +8,12 @@ Sources, first hit wins:
   4. the tables shipped with the package under ``results/tuned/``.
 Within a source, entries must match the key's discrete fields exactly; among those the
 nearest size bucket (log2 distance) wins, after its config is clamped to the actual shape
-and re-checked. No match: the variant's heuristic default, with one warning per key.
+and re-checked. With no exact match in any source (nor on a sibling chip), the nearest
+entry tuned on this device for other head counts is used: same op, dtype, head dim, page
+size and features; nearest group size Hq/Hkv, then KV heads, then size buckets (each a log2
+distance); the first whose config is valid for the actual shape wins, and its source names
+the key it was tuned for. No match: the variant's heuristic default, with one warning per
+key. `Choice.chain` records each step, for `attnbench lookup`.
 An entry tuned on other code of its variant (its recorded fingerprint differs) is skipped.
 
 This runs at trace time and is memoized, so a jitted call pays nothing per step.
@@ -30,7 +35,8 @@ import platformdirs
 from . import devices, registry
 from .fingerprint import code_status
 from .platform import current_device_kind, current_platform
-from .table import Entry, Table, TableError, key_distance, key_text, make_key, read_table
+from .table import (NEAREST_FIELDS, Entry, Table, TableError, group_size, key_distance,
+                    key_text, make_key, nearest_distance, read_table)
 from .tunables import KernelConfig
 from .variant import UnsupportedError, Variant
 
@@ -107,8 +113,22 @@ class Choice:
     variant: Variant
     config: KernelConfig
     key: dict[str, Any]
-    source: str  # "explicit config", "<label>: <file> entries[i]", or "heuristic default"
+    # "explicit config", "<label>: <file> entries[i]" (with what it was tuned for when it is
+    # a nearest entry), or "heuristic default"
+    source: str
     entry: Entry | None = None
+    # The lookup's steps in order: sources without an entry, entries passed over and why.
+    chain: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """tuned (an entry for this key), nearest (one tuned for other heads), heuristic
+        (no entry) or explicit (config=)."""
+        if self.entry is None:
+            return "explicit" if self.source == "explicit config" else "heuristic"
+        same = all(self.entry.key.get(field) == self.key.get(field)
+                   for field in NEAREST_FIELDS)
+        return "tuned" if same else "nearest"
 
 
 def _config_from(variant: Variant, values: Mapping[str, Any], shape: Any) -> KernelConfig:
@@ -133,38 +153,105 @@ def _candidates(table: Table, key: dict[str, Any], variant_name: str | None):
     return [(index, entry) for _, _, index, entry in ranked]
 
 
-def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None:
+def _usable(shape, key, entry: Entry, table: Table, where: str, platform, interpret,
+            chain: list[str], warn: bool) -> tuple[Variant, KernelConfig] | None:
+    """The entry's variant and its config fitted to `shape`, or None (the reason in `chain`)."""
+    # Reading the table already refused unknown variants and bad tunables.
+    variant = registry.get_variant(shape.op, entry.variant)
+    reason = variant.unsupported_reason(shape, platform, interpret)
+    if reason:  # e.g. a GPU entry on a CPU: expected, not worth a warning
+        chain.append(f"passed over {where} ({entry.variant}): {reason}")
+        return None
+    if not _code_matches(entry, variant, table, where, key):
+        chain.append(f"passed over {where} ({entry.variant}): tuned on other code")
+        return None
+    try:
+        config = _config_from(variant, entry.config, shape)
+    except ValueError as error:
+        chain.append(f"passed over {where} ({entry.variant}): {error}")
+        if warn:
+            warnings.warn(f"attnbench: skipping tuned entry {where} for "
+                          f"{key_text(key)}: {error}", stacklevel=8)
+        return None
+    return variant, config
+
+
+def _from_tables(shape, key, variant_name, platform, interpret,
+                 chain: list[str]) -> Choice | None:
     for label, path in table_sources():
+        found_any = False
         for table in tables_in(path):
             for index, entry in _candidates(table, key, variant_name):
+                found_any = True
                 where = f"{table.path} entries[{table.file_index(index)}]"
-                # Reading the table already refused unknown variants and bad tunables.
-                variant = registry.get_variant(shape.op, entry.variant)
-                if variant.unsupported_reason(shape, platform, interpret):
-                    continue  # e.g. a GPU entry on a CPU: expected, not worth a warning
-                if not _code_matches(entry, variant, table, where, key):
-                    continue
-                try:
-                    config = _config_from(variant, entry.config, shape)
-                except ValueError as error:
-                    warnings.warn(f"attnbench: skipping tuned entry {where} for "
-                                  f"{key_text(key)}: {error}", stacklevel=7)
-                    continue
-                source = f"{label}: {where}"
-                return Choice(variant, config, key, source, entry)
+                usable = _usable(shape, key, entry, table, where, platform, interpret, chain,
+                                 warn=True)
+                if usable is not None:
+                    source = f"{label}: {where}"
+                    chain.append(f"exact: {source}")
+                    return Choice(*usable, key, source, entry)
+        if not found_any:
+            chain.append(f"exact: no entry in the {label} ({path})")
     return None
 
 
-def _from_family_tables(shape, key, variant_name, platform, interpret) -> Choice | None:
+def _heads_text(key: dict[str, Any]) -> str:
+    return f"Hq={key['q_heads']} Hkv={key['kv_heads']} (group {group_size(key):g})"
+
+
+def _from_nearest(shape, key, variant_name, platform, interpret,
+                  chain: list[str]) -> Choice | None:
+    """The nearest entry tuned on this device for other head counts (module docstring)."""
+    ranked = []
+    for rank, (label, path) in enumerate(table_sources()):
+        for table in tables_in(path):
+            for index, entry in enumerate(table.entries):
+                if variant_name is not None and entry.variant != variant_name:
+                    continue
+                distance = nearest_distance(key, entry.key)
+                # Entries with the key's own heads were tried (and passed over) already.
+                if distance is None or distance[:2] == (0.0, 0.0):
+                    continue
+                time = entry.time_us if entry.time_us is not None else float("inf")
+                ranked.append((distance, rank, time, index, label, table, entry))
+    ranked.sort(key=lambda item: item[:4])
+    if not ranked:
+        chain.append("nearest: no entry on this device with the same op, dtype, head dim, "
+                     "page size and features")
+    for _, _, _, index, label, table, entry in ranked:
+        where = f"{table.path} entries[{table.file_index(index)}]"
+        usable = _usable(shape, key, entry, table, where, platform, interpret, chain,
+                         warn=False)
+        if usable is not None:
+            source = (f"{label}: {where} (nearest entry: tuned for "
+                      f"{_heads_text(entry.key)}, {_sizes_text(entry.key)}; this call "
+                      f"{_heads_text(key)})")
+            chain.append(f"nearest: {source}")
+            return Choice(*usable, key, source, entry)
+    return None
+
+
+def _sizes_text(key: dict[str, Any]) -> str:
+    from .registry import get_operator
+
+    return " ".join(f"{axis}={key[axis]}" for axis in get_operator(key["op"]).size_axes)
+
+
+def _from_family_tables(shape, key, variant_name, platform, interpret,
+                        chain: list[str]) -> Choice | None:
     """A sibling chip's tuned entry when this device kind has none (an H200 takes an H100's:
     same SMs and shared memory), the sibling named in its source."""
     own = key["device_kind"]
     family = devices.family_of(own)
     for sibling in devices.siblings_of(own):
-        found = _from_tables(shape, make_key(shape, sibling), variant_name, platform, interpret)
+        found = _from_tables(shape, make_key(shape, sibling), variant_name, platform, interpret,
+                             [])
         if found is not None:
             source = f"{found.source} (tuned on {sibling}, same chip family {family}: no table for {own})"
+            chain.append(f"family: {source}")
             return dataclasses.replace(found, key=key, source=source)
+    if devices.siblings_of(own):
+        chain.append(f"family: no exact entry for a sibling of {own} ({family})")
     return None
 
 
@@ -181,12 +268,12 @@ def _code_matches(entry: Entry, variant: Variant, table: Table, where: str,
         if text not in _warned_keys:
             _warned_keys.add(text)
             warnings.warn(f"attnbench: skipping tuned entry {where} for {key_text(key)}: {why}",
-                          stacklevel=8)
+                          stacklevel=9)
         return False
     if status == "unknown" and f"unknown {table.path}" not in _warned_keys:
         _warned_keys.add(f"unknown {table.path}")
         warnings.warn(f"attnbench: tuned entry {where} {why}: its provenance is unknown, so it "
-                      "is used as it is (warned once per table)", stacklevel=8)
+                      "is used as it is (warned once per table)", stacklevel=9)
     return True
 
 
@@ -247,15 +334,18 @@ def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform
         chosen = _require_support(fallback, shape, platform, interpret)
         return Choice(chosen, _config_from(chosen, dict(frozen_config), shape), key,
                       "explicit config")
-    found = _from_tables(shape, key, variant_name, platform, interpret)
-    if found is None:
-        found = _from_family_tables(shape, key, variant_name, platform, interpret)
+    chain: list[str] = []
+    found = (_from_tables(shape, key, variant_name, platform, interpret, chain)
+             or _from_family_tables(shape, key, variant_name, platform, interpret, chain)
+             or _from_nearest(shape, key, variant_name, platform, interpret, chain))
     if found is not None:
-        return found
+        return dataclasses.replace(found, chain=tuple(chain))
     chosen = _require_support(fallback, shape, platform, interpret)
     if chosen.config_class.tunable_names():  # nothing to tune, nothing to warn about
         _warn_untuned(key, chosen)
-    return Choice(chosen, chosen.default_config(shape), key, "heuristic default")
+    chain.append(f"heuristic default of {chosen.name}")
+    return Choice(chosen, chosen.default_config(shape), key, "heuristic default", None,
+                  tuple(chain))
 
 
 def clear_caches() -> None:

@@ -83,6 +83,39 @@ def key_distance(wanted: dict[str, Any], candidate: dict[str, Any]) -> float | N
                for axis in size_axes)
 
 
+# Fields a nearest entry may differ in: the heads. Everything else that shapes the kernel's
+# work must match: dtype, head dim, features, an op's own fields, and the page size (paged
+# configs count their blocks in pages, so another page size is another block size).
+NEAREST_FIELDS = ("q_heads", "kv_heads")
+
+
+def group_size(key: dict[str, Any]) -> float:
+    """Query heads per KV head of a key."""
+    return key["q_heads"] / key["kv_heads"]
+
+
+def _log2_distance(a: float, b: float) -> float:
+    return abs(math.log2(a) - math.log2(b))
+
+
+def nearest_distance(wanted: dict[str, Any],
+                     candidate: dict[str, Any]) -> tuple[float, float, float] | None:
+    """How far an entry tuned for other heads is from a call, as (group size, KV heads, size
+    buckets), each a log2 distance, compared in that order; None when any other discrete
+    field differs.
+
+    The group size decides how a kernel lays out its query heads per KV row, so it ranks
+    first; the KV head count scales the work items a kernel spreads over the cores.
+    """
+    size_axes = _operator(wanted["op"]).size_axes
+    for field in set(DISCRETE_FIELDS) | (set(wanted) | set(candidate)) - set(size_axes):
+        if field not in NEAREST_FIELDS and wanted.get(field) != candidate.get(field):
+            return None
+    sizes = sum(_log2_distance(wanted[axis], candidate[axis]) for axis in size_axes)
+    return (_log2_distance(group_size(wanted), group_size(candidate)),
+            _log2_distance(wanted["kv_heads"], candidate["kv_heads"]), sizes)
+
+
 # ---- The schema ---------------------------------------------------------------------------
 
 

@@ -111,12 +111,17 @@ def test_bench_problem_overrides_use_sweep_field_names():
 
 def test_bench_prints_the_ratio_to_the_floor_for_a_changed_problem():
     result = runner.invoke(app, [
-        "bench", "decode", "--variant", "xla_blocked", "--repeats", "2",
+        "bench", "decode", "--variant", "xla_blocked", "--variant", "auto", "--repeats", "2",
         "--set", "context=512", "--set", "batch=2", "--set", "min_len=16"])
     assert result.exit_code == 0, result.output
     assert "max_len=512" in result.output and "batch=2" in result.output
-    best = [line for line in result.output.splitlines() if line.startswith("best: xla_blocked")]
+    best = [line for line in result.output.splitlines() if line.startswith("best: ")]
     assert len(best) == 1 and "x" in best[0].rsplit("ratio", 1)[1]
+    # The call's own choice is timed too, and said where it came from.
+    # (Llama-3-8B's heads: the shipped CPU table's entries for them, at other sizes.)
+    assert "the call's own choice (tuned: shipped tables: " in result.output
+    auto = [line for line in result.output.splitlines() if line.startswith("auto: ")]
+    assert len(auto) == 1 and "x the best timed here" in auto[0]
 
 
 def test_bench_refuses_a_bad_field_by_name():

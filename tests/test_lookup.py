@@ -76,8 +76,9 @@ def test_nearest_bucket_wins():
 
 def test_discrete_fields_must_match_exactly():
     write_table(lookup.user_tuned_dir() / "cpu.json",
-                [entry(32, q_heads=16), entry(32, dtype="float16"), entry(32, device_kind="tpu-v5e"),
-                 entry(32, features=["logits_soft_cap"])])
+                [entry(32, head_dim=128), entry(32, dtype="float16"),
+                 entry(32, device_kind="tpu-v5e"), entry(32, features=["logits_soft_cap"]),
+                 entry(32, q_heads=16, head_dim=128)])
     with pytest.warns(UserWarning, match="no tuned config for cpu/decode bfloat16 Hq=8"):
         choice = choose()
     assert choice.source == "heuristic default"

@@ -36,6 +36,8 @@ class DecodeProblem:
     op: ClassVar[str] = "decode"
     # The fields a sweep-file problem entry may set besides the shared ones: (type, value
     # when the entry leaves it out).
+    # The sweep field that counts sequences (`attnbench sweep --batch` sets it).
+    sequences_field: ClassVar[str] = "batch"
     sweep_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "batch": (PositiveInt, 8), "random_start": (Boolean, False)}
 

@@ -21,8 +21,8 @@ from .inputs import DecodeArgs, DecodeShape
 from ..sharding import vary_like
 from ..softmax import soft_cap
 from ..tunables import (
-    BOOL, POWER_OF_TWO, KernelConfig, cdiv, int_in, next_power_of_two, one_of,
-    tunable,
+    BOOL, POWER_OF_TWO, KernelConfig, cdiv, floor_power_of_two, int_in, next_power_of_two,
+    one_of, tunable,
 )
 from ..variant import Variant
 
@@ -73,21 +73,42 @@ class XlaBlockedConfig(KernelConfig):
         return self.replace(kv_block_size=block, blocks_per_step=min(self.blocks_per_step, blocks))
 
 
+# Cache bytes one KV block spans over all KV heads (keys only): blocks of ~2 MiB were the
+# fastest measured on a 2-core CPU whatever the head count (see heuristic).
+BLOCK_BYTES = 2 << 20
+
+
 def heuristic(shape: DecodeShape) -> XlaBlockedConfig:
-    """Measured best on a 2-core CPU (XLA:CPU, bfloat16 caches).
+    """Measured on a 2-core CPU (XLA:CPU, bfloat16 caches, sweeps of kv_block_size x
+    blocks_per_step x contraction).
 
-    GQA (B=8, S=8192, Hq=32, Hkv=8, D=128): key_major_dot with 1024-position blocks took
-    about 13-14 ms against 15-16 ms for head_major_dot or fused_reduce with 512; 512 and 2048
-    blocks were slower, and the number of splits made no measurable difference.
+    The block's size follows the bytes it spans, not a fixed count of positions: a position
+    holds Hkv x D values, and the fastest blocks spanned about 2 MiB of keys. Llama-3-8B
+    (Hkv=8, D=128, B=8, S=8192): 1024 positions, 13-14 ms against 15-16 ms for 512; Gemma-2
+    (Hkv=8, D=256): 512; an MHA model (Hkv=32, D=128, B=4, S=4096): 256 positions two per
+    step took 79 ms against 430 ms for 1024 one per step (the previous default, 5.4x slower).
+    Steps of fewer than 512 positions pay the loop's per-step cost too often, so small blocks
+    go two or more per step. A sliding window caps the keys a row reads, and its winners were
+    half the size (512 on Mistral's 4096 window, 256 on gpt-oss's 128); a batch with few
+    blocks in all gets smaller ones so that both cores have work.
 
-    MQA (one KV head): the dots of head_major_dot have all the query heads as rows and need
-    no transposed copy, so they run in the cache dtype at full width. 2048-position blocks
-    took 3.3 ms against 9.3 ms for the GQA default on starcoder-15b (Hq=48, B=8, S=4096),
-    and 4.6 ms against 7.2 ms on gemma-2b (Hq=8, D=256, S=8192).
+    key_major_dot was the fastest, or within about 5% of it, on the GQA and MHA shapes
+    measured (group sizes 1, 4 and 6; Gemma-2's D=256 tuned to fused_reduce, 1.0x-1.3x apart
+    on a loaded machine); fused_reduce was about 40x slower on MHA. MQA (one KV head): the dots of head_major_dot have all the query heads as
+    rows and need no transposed copy, so they run in the cache dtype at full width: 2048-position
+    blocks took 3.3 ms against 9.3 ms for the GQA default on starcoder-15b (Hq=48, B=8,
+    S=4096), and 4.6 ms against 7.2 ms on gemma-2b (Hq=8, D=256, S=8192).
     """
     if shape.kv_heads == 1:
         return XlaBlockedConfig(contraction="head_major_dot", kv_block_size=2048).clamp(shape)
-    return XlaBlockedConfig().clamp(shape)
+    position_bytes = shape.kv_heads * shape.head_dim * jnp.dtype(shape.dtype).itemsize
+    block = min(max(floor_power_of_two(max(BLOCK_BYTES // position_bytes, 1)), 256), 1024)
+    if "sliding_window" in shape.features:
+        block = max(block // 2, 256)
+    while block > 256 and shape.batch * cdiv(shape.max_len, block) < 8:
+        block //= 2
+    return XlaBlockedConfig(kv_block_size=block, blocks_per_step=max(1, 512 // block),
+                            contraction="key_major_dot").clamp(shape)
 
 
 def _scores(query, keys, contraction):

@@ -40,6 +40,8 @@ class PagedProblem:
     sinks: bool = False
 
     op: ClassVar[str] = "paged"
+    # The sweep field that counts sequences (`attnbench sweep --batch` sets it).
+    sequences_field: ClassVar[str] = "num_seqs"
     sweep_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "num_seqs": (PositiveInt, 8), "page_size": (PositiveInt, 16),
         "prefill_fraction": (Fraction, 0.0), "prefill_chunk": (PositiveInt, 512),

@@ -49,6 +49,8 @@ class PagedV3Problem:
     sinks: bool = False
 
     op: ClassVar[str] = "paged_v3"
+    # The sweep field that counts sequences (`attnbench sweep --batch` sets it).
+    sequences_field: ClassVar[str] = "num_seqs"
     sweep_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "num_seqs": (PositiveInt, 8), "page_size": (PositiveInt, 16),
         "cache_dtype": (one_of("auto", *cache.CACHE_PACKING), "auto"),

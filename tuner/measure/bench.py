@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from attnbench.kernels import registry
+from attnbench.kernels import lookup, registry
 from attnbench.kernels.jax_compat import compile_with_device_events
 from attnbench.kernels.platform import current_device_kind, current_platform
 from attnbench.kernels.tunables import KernelConfig, sample_configs
@@ -40,6 +40,10 @@ BENCH_PROBLEMS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# The row of the choice a call makes on its own (`--variant auto`).
+AUTO = "auto"
+
+
 def bench_problem(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The named bench problem with some of its fields replaced (sweep-file field names).
 
@@ -61,6 +65,7 @@ class BenchRow:
     relative_error: float
     status: str  # "ok", "wrong: <why>" or "error: ..."
     floor_us: float
+    source: str = ""  # the auto row's: what kind of choice it is, and where it came from
 
     @property
     def fraction_of_floor(self) -> float:
@@ -109,6 +114,13 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         # the compiled call would refuse).
         input_sets = rotated_input_sets(args, seed, 3)
     platform = current_platform()
+    runs = []
+    if variant_names is None or AUTO in variant_names:
+        # What a call with neither variant= nor config= runs (tables, nearest entry, or the
+        # default variant's heuristic), timed as the same compiled call a user gets.
+        choice = lookup.choose(shape, platform=platform)
+        runs.append((f"{AUTO}:{choice.variant.name}", choice.config, None,
+                     f"{choice.kind}: {choice.source}"))
     for variant in registry.variants(op):
         if variant_names is not None and variant.name not in variant_names:
             continue
@@ -117,23 +129,26 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         configs = [variant.default_config(shape)]
         configs += [c for c in sample_configs(variant.config_class, shape, sample, seed)
                     if c != configs[0]]
-        for config in configs:
-            try:
-                compiled = compile_call(op, variant.name, config, args, kwargs, events)
-                output, extras = operator.split_result(compiled(*copied(args, donated)))
-                accuracy = judge(output, reference, problem.dtype,
-                                 zero_rows=zero_rows, key_ranges=key_ranges)
-                wrong_extras = extras_problems(operator, extras, reference_extras)
-            except Exception as error:  # noqa: BLE001 -- a failing config is a result
-                yield BenchRow(variant.name, config.to_dict(), None, float("inf"),
-                               f"error: {type(error).__name__}: {error}"[:200], floor)
-                continue
-            if not accuracy.ok or wrong_extras:
-                yield BenchRow(variant.name, config.to_dict(), None, accuracy.relative_error,
-                               "wrong: " + (accuracy.reason or "; ".join(wrong_extras)), floor)
-                continue
-            timing = time_call(compiled, [copied(inputs, donated) for inputs in input_sets],
-                               repeats=repeats, policy=policy, bytes_per_call=moved,
-                               carry=carry)
-            yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
-                           "ok", floor)
+        runs += [(variant.name, config, variant.name, "") for config in configs]
+    for label, config, variant_name, source in runs:
+        try:
+            compiled = compile_call(op, variant_name, None if variant_name is None else config,
+                                    args, kwargs, events)
+            output, extras = operator.split_result(compiled(*copied(args, donated)))
+            accuracy = judge(output, reference, problem.dtype,
+                             zero_rows=zero_rows, key_ranges=key_ranges)
+            wrong_extras = extras_problems(operator, extras, reference_extras)
+        except Exception as error:  # noqa: BLE001 -- a failing config is a result
+            yield BenchRow(label, config.to_dict(), None, float("inf"),
+                           f"error: {type(error).__name__}: {error}"[:200], floor, source)
+            continue
+        if not accuracy.ok or wrong_extras:
+            yield BenchRow(label, config.to_dict(), None, accuracy.relative_error,
+                           "wrong: " + (accuracy.reason or "; ".join(wrong_extras)), floor,
+                           source)
+            continue
+        timing = time_call(compiled, [copied(inputs, donated) for inputs in input_sets],
+                           repeats=repeats, policy=policy, bytes_per_call=moved,
+                           carry=carry)
+        yield BenchRow(label, config.to_dict(), timing, accuracy.relative_error,
+                       "ok", floor, source)

@@ -21,6 +21,7 @@ class ModelPreset:
 # Heads and features from the models' published configs. Models that alternate global and
 # local layers get one preset per layer type.
 MODEL_PRESETS: dict[str, ModelPreset] = {
+    "llama-2-7b": ModelPreset(32, 32, 128, note="MHA (a KV head per query head)"),
     "llama-3-8b": ModelPreset(32, 8, 128, note="GQA 4"),
     "llama-3-70b": ModelPreset(64, 8, 128, note="GQA 8"),
     "qwen-2.5-7b": ModelPreset(28, 4, 128, note="GQA 7 (a group that is not a power of two)"),

@@ -408,6 +408,12 @@ def _read(path: str | Path) -> tuple[Any, str, list[str]]:
         return None, sha256, [f"{where}: not valid YAML: {problem}"]
 
 
+def read_sweep_data(path: str | Path) -> tuple[Any, str, list[str]]:
+    """A sweep file's parsed YAML, its sha256 and the problems that kept it from parsing (the
+    schema is not checked: :func:`load_sweep` does that)."""
+    return _read(path)
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Reads and checks a sweep file; SweepFileError lists every problem with its location."""
     data, sha256, problems = _read(path)
