@@ -3,7 +3,8 @@
 :func:`variant_fingerprint` hashes the source files that make up a variant's kernel: the
 module that defines ``variant.kernel``, its ``<module>_kernels.py`` sibling when there is one,
 and the ``attnbench.kernels`` modules it draws code from (launch helpers such as
-``triton_launch``). The modules that only describe a variant (its config classes, the
+``triton_launch``), with the non-Python sources those modules name in ``KERNEL_SOURCES``
+(the native variants' C++). The modules that only describe a variant (its config classes, the
 feature names, the registry) are left out: editing a docstring there should not make every
 tuned entry stale. :func:`toolchain_versions` names the versions that change generated code.
 """
@@ -51,10 +52,13 @@ def variant_files(variant: Any) -> list[Path]:
     sibling = own.with_name(own.stem + "_kernels.py")
     if sibling.exists():
         files.add(sibling)
-    for name in _referenced_modules(module):
-        path = getattr(sys.modules.get(name), "__file__", None)
+    modules = [module] + [sys.modules[name] for name in _referenced_modules(module)
+                          if name in sys.modules]
+    for each in modules:
+        path = getattr(each, "__file__", None)
         if path:
             files.add(Path(path))
+        files.update(Path(source) for source in getattr(each, "KERNEL_SOURCES", ()))
     return sorted(files, key=_relative_name)
 
 

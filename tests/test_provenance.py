@@ -124,3 +124,9 @@ def test_the_shipped_cpu_table_still_loads_and_validates():
     result = CliRunner().invoke(app, ["validate", str(lookup.shipped_tuned_dir() / "cpu.json")])
     assert result.exit_code == 0, result.output
     assert "unknown provenance" in result.output or "no fingerprint" not in result.output
+
+
+def test_the_native_variants_fingerprint_their_cpp_source():
+    for op in ("decode", "paged"):
+        names = {p.name for p in fingerprint.variant_files(registry.get_variant(op, "cpu_native"))}
+        assert "attention.cc" in names, names

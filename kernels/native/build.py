@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("attention.cc")
+KERNEL_SOURCES = (SOURCE,)  # fingerprinted with the variants that call the library
 HANDLERS = {"attnbench_decode": "attnbench_decode", "attnbench_paged": "attnbench_paged"}
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # Instruction sets the kernel has dedicated code for; the rest it leaves to the compiler.
