@@ -14,6 +14,7 @@ new operator gets the keywords by calling it and answering ``Operator.shard_spec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .inputs import as_int32
 from .jax_compat import is_tracer
+from .variant import UnsupportedError
 
 
 def varying_axes(*trees: Any) -> frozenset[str]:
@@ -63,6 +65,40 @@ def out_struct(shape: Sequence[int], dtype: Any, *refs: Any) -> jax.ShapeDtypeSt
         return jax.ShapeDtypeStruct(tuple(shape), dtype)
     return jax.ShapeDtypeStruct(tuple(shape), dtype,
                                 manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+
+
+def cpu_runtime_threads() -> int:
+    """The threads of XLA's CPU client pool: $PJRT_NPROC, else $NPROC, else the CPUs this
+    process may run on (read when JAX starts its CPU backend)."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_interpreter_threads(kernel: str) -> None:
+    """Refuses an interpreted kernel (`interpret=True`) per shard of a CPU mesh that XLA's CPU
+    client has too few threads for, instead of letting it hang.
+
+    The interpreters run each device's kernel as host callbacks, and JAX first copies a
+    callback's operands to CPU device 0. From 100 KiB on, the CPU client makes that copy on
+    its thread pool; when every pool thread runs a device that waits inside such a callback,
+    the copy never runs and the call hangs. Devices < threads leaves one free.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size < 2:
+        return
+    if getattr(getattr(mesh, "abstract_device", None), "platform", "cpu") != "cpu":
+        return
+    threads = cpu_runtime_threads()
+    if mesh.size >= threads:
+        raise UnsupportedError(
+            f"{kernel} with interpret=True per shard of {mesh.size} CPU devices needs more "
+            f"threads in XLA's CPU client than devices, and it has {threads} (PJRT_NPROC, else "
+            "the CPUs): each device's kernel waits in host callbacks whose operands JAX copies "
+            f"on that pool, so the call could hang. Set PJRT_NPROC={mesh.size + 1} (or more) "
+            "in the environment before JAX starts.")
 
 
 def _check_spec(name: str, spec: Any, rank: int | None) -> PartitionSpec:

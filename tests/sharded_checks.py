@@ -289,7 +289,33 @@ def main(devices: int) -> int:
                       f"({time.perf_counter() - started:.1f} s)", flush=True)
     for op, problem in PROBLEMS.items():
         failures += not lookup_once(op, problem, devices)
+    failures += not too_few_threads_refused(devices)
     return 1 if failures else 0
+
+
+def too_few_threads_refused(devices: int) -> bool:
+    """Where the CPU client has no thread more than the devices an interpreted kernel runs
+    on at once, the call is refused (it could hang), naming the setting that fixes it. The
+    check reads the setting at trace time; this process's pool really has more threads."""
+    args, kwargs = DECODE.make_inputs(0)
+    mesh = auto_mesh((devices,), ("dp",))
+    saved = os.environ["PJRT_NPROC"]
+    os.environ["PJRT_NPROC"] = str(devices)
+    messages = []
+    try:
+        for name in ("pallas_tpu", "triton_splitkv"):
+            try:
+                decode_data_parallel(args, kwargs, lambda *a, _n=name, **k: kernels.decode_attention(
+                    *a, variant=_n, interpret=True, **k), mesh, "dp", None)
+                messages.append(f"{name}: ran")
+            except kernels.UnsupportedError as error:
+                messages.append(f"{name}: {error}")
+    finally:
+        os.environ["PJRT_NPROC"] = saved
+    ok = all(f"Set PJRT_NPROC={devices + 1}" in m for m in messages)
+    print(f"{'ok  ' if ok else 'FAIL'} interpreted kernels on {devices} devices with "
+          f"PJRT_NPROC={devices} are refused: {' | '.join(messages)}", flush=True)
+    return ok
 
 
 def lookup_once(op, problem, devices: int) -> bool:

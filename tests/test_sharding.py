@@ -37,6 +37,8 @@ def test_every_variant_per_shard(devices):
                 f"{variant.op}/{variant.name} [{mode}] not passed on {devices} devices\n{report}")
     for operator in kernels.OPERATORS:
         assert f"ok   {operator.name} lookups over 3 sharded calls" in result.stdout, report
+    assert f"ok   interpreted kernels on {devices} devices with PJRT_NPROC={devices} are " \
+           "refused" in result.stdout, report
 
 
 def _v3_call(kv_heads, cache_dtype, **keywords):
