@@ -1,14 +1,15 @@
-"""Every variant per shard, against its unsharded call; run as a script on N virtual devices.
+"""Every variant per shard, against its unsharded call, on 2 and 4 virtual CPU devices.
 
-    python tests/sharded_checks.py N
+    python tests/sharded_checks.py
 
 JAX fixes its device count when its backend starts, and the test suite's process starts it
-with one device, so tests/test_sharding.py runs this in a fresh process with
-``--xla_force_host_platform_device_count=N``. Prints one line per check and exits 1 if any
-failed. Every variant of every operator is run, on N = 2: heads split through the ``mesh=``
-keywords (tensor parallel), batch or sequences split in a user's own ``shard_map`` (data
-parallel), and ``jit`` over head-sharded inputs (GSPMD); on N = 4: a 2 x 2 mesh splitting
-both in a ``shard_map``, and GSPMD over the same mesh (batch rows or heads over both axes).
+with one device, so tests/test_sharding.py runs this in a fresh process with 4 devices
+(``--xla_force_host_platform_device_count=4``); the 2-device meshes take the first two, so
+every variant is traced and compiled unsharded once for both counts. Prints one line per
+check and exits 1 if any failed. Every variant of every operator is run on 2 devices with
+heads split through the ``mesh=`` keywords (tensor parallel), batch or sequences split in a
+user's own ``shard_map`` (data parallel) and ``jit`` over head-sharded inputs (GSPMD), and
+on 4 devices with a 2 x 2 mesh splitting both in a ``shard_map`` and under GSPMD.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from __future__ import annotations
 import os
 import sys
 
+DEVICES = 4
 if __name__ == "__main__":
-    DEVICES = int(sys.argv[1])
+    # Each program here is compiled once and run once on tiny shapes: LLVM's expensive
+    # passes would cost more than they save.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={DEVICES}")
+                               + f" --xla_force_host_platform_device_count={DEVICES}"
+                               + " --xla_backend_optimization_level=0"
+                               + " --xla_llvm_disable_expensive_passes=true")
     os.environ["JAX_PLATFORMS"] = "cpu"
     # The interpreters run each device's kernel as host callbacks, and JAX first copies a
     # callback's operands to CPU device 0; from 100 KiB on, XLA's CPU client makes that
@@ -63,7 +68,10 @@ def interpreted(variant) -> bool:
 
 
 def auto_mesh(shape, names):
-    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+    """A mesh over the first prod(shape) devices."""
+    count = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                         devices=jax.devices()[:count])
 
 
 def in_shard_map(call, mesh, arrays, specs, kwargs, tp, out_specs):
@@ -220,19 +228,17 @@ def decode_gspmd_both(args, kwargs, call, mesh, op):
     return jax.jit(lambda *a: call(*a[:-1], sinks=a[-1], **rest))(*placed, sinks)
 
 
-def modes(devices, op):
-    """(label, function(args, kwargs, call) -> result) per sharding tried."""
-    if devices == 2:
-        tp, dp = auto_mesh((2,), ("tp",)), auto_mesh((2,), ("dp",))
-        return [
-            ("tp=2 mesh keyword", lambda a, k, c: jax.jit(lambda *x: c(*x, mesh=tp, **k))(*a)),
-            ("dp=2 shard_map", lambda a, k, c: DATA_PARALLEL[op](a, k, c, dp, "dp", None)),
-            ("gspmd tp=2", lambda a, k, c: gspmd(a, k, c, tp, op, "tp")),
-        ]
+def modes(op):
+    """(label, function(args, kwargs, call) -> result) per sharding tried: on 2 devices,
+    then on 4."""
+    tp, dp = auto_mesh((2,), ("tp",)), auto_mesh((2,), ("dp",))
     both = auto_mesh((2, 2), ("dp", "tp"))
     split_both = ((lambda a, k, c: decode_gspmd_both(a, k, c, both, op)) if op == "decode"
                   else (lambda a, k, c: gspmd(a, k, c, both, op, ("dp", "tp"))))
     return [
+        ("tp=2 mesh keyword", lambda a, k, c: jax.jit(lambda *x: c(*x, mesh=tp, **k))(*a)),
+        ("dp=2 shard_map", lambda a, k, c: DATA_PARALLEL[op](a, k, c, dp, "dp", None)),
+        ("gspmd tp=2", lambda a, k, c: gspmd(a, k, c, tp, op, "tp")),
         ("dp=2 x tp=2 shard_map", lambda a, k, c: DATA_PARALLEL[op](a, k, c, both, "dp", "tp")),
         ("gspmd dp=2 x tp=2", split_both),
     ]
@@ -259,8 +265,8 @@ def check_mode(op, problem, run, args, kwargs, call, unsharded, reference):
     return to_unsharded.ok and to_reference.ok and not wrong, detail
 
 
-def main(devices: int) -> int:
-    assert len(jax.devices()) == devices, jax.devices()
+def main() -> int:
+    assert len(jax.devices()) == DEVICES, jax.devices()
     warnings.simplefilter("ignore")  # untuned shapes warn once per key; not under test
     failures = 0
     for op, problem in PROBLEMS.items():
@@ -276,21 +282,56 @@ def main(devices: int) -> int:
 
             output, extras = operator.split_result(jax.jit(lambda *a: call(*a, **kwargs))(*args))
             unsharded = np.asarray(output), tuple(np.asarray(e) for e in extras)
-            reference = unsharded[0] if reference is None else reference
-            for label, run in modes(devices, op):
+            reference = unsharded if reference is None else reference
+            for label, run in modes(op):
                 started = time.perf_counter()
                 try:
                     ok, detail = check_mode(op, problem, run, args, kwargs, call, unsharded,
-                                            reference)
+                                            reference[0])
                 except Exception:  # noqa: BLE001 -- reported, and the run fails
                     ok, detail = False, traceback.format_exc(limit=4)
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {op}/{variant.name} [{label}] {detail} "
                       f"({time.perf_counter() - started:.1f} s)", flush=True)
-    for op, problem in PROBLEMS.items():
-        failures += not lookup_once(op, problem, devices)
-    failures += not too_few_threads_refused(devices)
+        for devices in (2, 4):
+            failures += not lookup_once(op, problem, args, kwargs, reference, devices)
+    for devices in (2, 4):
+        failures += not too_few_threads_refused(devices)
     return 1 if failures else 0
+
+
+def lookup_once(op, problem, args, kwargs, reference, devices: int) -> bool:
+    """A jitted call through the mesh keywords, heads over `devices` devices of an Explicit
+    mesh (the keyword lays the inputs out itself), looks its config up once, at trace
+    time, for the per-shard shape; calling it again looks nothing up. Its result is the
+    reference's (the attention output within the dtype's bound, an updated cache bit for
+    bit)."""
+    mesh = jax.make_mesh((devices,), ("tp",), axis_types=(AxisType.Explicit,),
+                         devices=jax.devices()[:devices])
+    operator = kernels.get_operator(op)
+    seen = []
+    original = kernels.run.choose
+
+    def counting(shape, **options):
+        seen.append(shape)
+        return original(shape, **options)
+
+    kernels.run.choose = counting
+    try:
+        call = jax.jit(lambda *a: operator.function(*a, mesh=mesh, **kwargs))
+        for _ in range(3):
+            result = jax.block_until_ready(call(*args))
+    finally:
+        kernels.run.choose = original
+    out, extras = operator.split_result(result)
+    verdict = judge(out, reference[0], problem.dtype, zero_rows=operator.zero_rows(args))
+    wrong = extras_problems(operator, extras, reference[1])
+    ok = verdict.ok and not wrong and len(seen) == 1 and (seen[0].q_heads, seen[0].kv_heads) == (
+        problem.q_heads // devices, problem.kv_heads // devices)
+    print(f"{'ok  ' if ok else 'FAIL'} {op} lookups over 3 sharded calls on {devices} devices: "
+          f"{[(s.q_heads, s.kv_heads) for s in seen]}; tp={devices} on an Explicit mesh against "
+          f"the reference: {verdict.reason or 'within bound'} {'; '.join(wrong)}", flush=True)
+    return ok
 
 
 def too_few_threads_refused(devices: int) -> bool:
@@ -318,39 +359,5 @@ def too_few_threads_refused(devices: int) -> bool:
     return ok
 
 
-def lookup_once(op, problem, devices: int) -> bool:
-    """A jitted call through the mesh keywords, heads over all devices of an Explicit mesh
-    (the keyword lays the inputs out itself), looks its config up once, at trace time, for
-    the per-shard shape; calling it again looks nothing up. Its result is the unsharded
-    call's."""
-    args, kwargs = problem.make_inputs(1)
-    mesh = jax.make_mesh((devices,), ("tp",), axis_types=(AxisType.Explicit,))
-    operator = kernels.get_operator(op)
-    seen = []
-    original = kernels.run.choose
-
-    def counting(shape, **options):
-        seen.append(shape)
-        return original(shape, **options)
-
-    kernels.run.choose = counting
-    try:
-        call = jax.jit(lambda *a: operator.function(*a, mesh=mesh, **kwargs))
-        for _ in range(3):
-            result = jax.block_until_ready(call(*args))
-    finally:
-        kernels.run.choose = original
-    unsharded = jax.jit(lambda *a: operator.function(*a, **kwargs))(*args)
-    (out, extras), (want, want_extras) = (operator.split_result(r) for r in (result, unsharded))
-    verdict = judge(out, want, problem.dtype, zero_rows=operator.zero_rows(args))
-    wrong = extras_problems(operator, extras, want_extras)
-    ok = verdict.ok and not wrong and len(seen) == 1 and (seen[0].q_heads, seen[0].kv_heads) == (
-        problem.q_heads // devices, problem.kv_heads // devices)
-    print(f"{'ok  ' if ok else 'FAIL'} {op} lookups over 3 sharded calls: "
-          f"{[(s.q_heads, s.kv_heads) for s in seen]}; tp={devices} on an Explicit mesh against "
-          f"the unsharded call: {verdict.reason or 'within bound'} {'; '.join(wrong)}", flush=True)
-    return ok
-
-
 if __name__ == "__main__":
-    sys.exit(main(DEVICES))
+    sys.exit(main())
