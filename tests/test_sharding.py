@@ -82,3 +82,16 @@ def test_v3_sharding_keywords_need_a_mesh():
                                   page_size=8, dtype="float32").make_inputs(0)
     with pytest.raises(ValueError, match="out_specs needs mesh="):
         kernels.ragged_paged_attention_v3(*args, **kwargs, out_specs=(P(), P()))
+
+
+def test_a_split_that_does_not_divide_an_axis_names_the_argument():
+    from jax.sharding import AbstractMesh
+
+    from attnbench import kernels
+    from attnbench.kernels.decode.problem import DecodeProblem
+
+    args, kwargs = DecodeProblem(batch=2, max_len=8, q_heads=2, kv_heads=1, head_dim=32,
+                                 dtype="float32").make_inputs(0)
+    with pytest.raises(ValueError, match=r"decode_attention over mesh \{'tp': 2\}: in_specs\[1\] "
+                                         r"\(key\) = .* splits axis 2 of size 1 over 2 shards"):
+        kernels.decode_attention(*args, **kwargs, mesh=AbstractMesh((2,), ("tp",)))
