@@ -131,11 +131,15 @@ class Operator(abc.ABC):
 
     # The public function's array arguments in order (sinks excluded), for errors.
     array_names: ClassVar[tuple[str, ...]]
+    # What an argument's layout needs of a split, added to the error of a split that does
+    # not divide its axis.
+    split_notes: ClassVar[dict[str, str]] = {}
 
     @abc.abstractmethod
     def shard_specs(self, axis: str, arrays: tuple) -> tuple[tuple[Any, ...], Any]:
-        """The default PartitionSpecs (one per array argument, and the output's) of a call
-        run per shard with its heads split over mesh axis `axis`."""
+        """The default PartitionSpecs (one per array argument, and the output's: a tuple,
+        one per output, when the operator has extra outputs) of a call run per shard with
+        its heads split over mesh axis `axis`."""
 
     def head_entry(self, in_specs: list, arrays: tuple) -> Any:
         """The mesh axis (or axes, or None) that `in_specs` split the query heads over; the

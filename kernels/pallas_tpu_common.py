@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .sharding import check_interpreter_threads
+
 
 def interpret_params(interpret: bool):
     """What `interpret=` gives pallas_call: TPU interpret mode on CPU, or compile for TPU.
@@ -19,6 +21,8 @@ def interpret_params(interpret: bool):
     if not interpret:
         return False
     from jax.experimental.pallas import tpu as pltpu
+
+    check_interpreter_threads("Pallas' TPU interpret mode")
 
     return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 

@@ -14,6 +14,7 @@ new operator gets the keywords by calling it and answering ``Operator.shard_spec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .inputs import as_int32
 from .jax_compat import is_tracer
+from .variant import UnsupportedError
 
 
 def varying_axes(*trees: Any) -> frozenset[str]:
@@ -63,6 +65,40 @@ def out_struct(shape: Sequence[int], dtype: Any, *refs: Any) -> jax.ShapeDtypeSt
         return jax.ShapeDtypeStruct(tuple(shape), dtype)
     return jax.ShapeDtypeStruct(tuple(shape), dtype,
                                 manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+
+
+def cpu_runtime_threads() -> int:
+    """The threads of XLA's CPU client pool: $PJRT_NPROC, else $NPROC, else the CPUs this
+    process may run on (read when JAX starts its CPU backend)."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_interpreter_threads(kernel: str) -> None:
+    """Refuses an interpreted kernel (`interpret=True`) per shard of a CPU mesh that XLA's CPU
+    client has too few threads for, instead of letting it hang.
+
+    The interpreters run each device's kernel as host callbacks, and JAX first copies a
+    callback's operands to CPU device 0. From 100 KiB on, the CPU client makes that copy on
+    its thread pool; when every pool thread runs a device that waits inside such a callback,
+    the copy never runs and the call hangs. Devices < threads leaves one free.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size < 2 or not mesh.manual_axes:  # not inside shard_map
+        return
+    if getattr(getattr(mesh, "abstract_device", None), "platform", "cpu") != "cpu":
+        return
+    threads = cpu_runtime_threads()
+    if mesh.size >= threads:
+        raise UnsupportedError(
+            f"{kernel} with interpret=True per shard of {mesh.size} CPU devices needs more "
+            f"threads in XLA's CPU client than devices, and it has {threads} (PJRT_NPROC, else "
+            "the CPUs): each device's kernel waits in host callbacks whose operands JAX copies "
+            f"on that pool, so the call could hang. Set PJRT_NPROC={mesh.size + 1} (or more) "
+            "in the environment before JAX starts.")
 
 
 def _check_spec(name: str, spec: Any, rank: int | None) -> PartitionSpec:
@@ -106,19 +142,68 @@ def _default_axis(mesh: Any, axis: str | None) -> str:
     return axis
 
 
+def _entries(spec: PartitionSpec, rank: int) -> tuple:
+    return tuple(spec) + (None,) * (rank - len(spec))
+
+
+def _shards(mesh: Any, entry: Any) -> int:
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    count = 1
+    for axis in axes:
+        count *= mesh.shape[axis]
+    return count
+
+
+def split_problems(names: Sequence[str], arrays: Sequence[Any], specs: Sequence[PartitionSpec],
+                   mesh: Any, notes: dict[str, str]) -> list[str]:
+    """Every array axis `specs` split over shards that do not divide it, one sentence each
+    (shard_map would refuse them with a message that names no argument); `notes` adds
+    what an argument's layout needs of a split."""
+    problems = []
+    for i, (name, array, spec) in enumerate(zip(names, arrays, specs)):
+        for axis, entry in enumerate(_entries(spec, array.ndim)):
+            count = _shards(mesh, entry)
+            if array.shape[axis] % count:
+                note = f" ({notes[name]})" if name in notes else ""
+                problems.append(f"in_specs[{i}] ({name}) = {spec} splits axis {axis} of size "
+                                f"{array.shape[axis]} over {count} shards, which do not divide "
+                                f"it{note}")
+    return problems
+
+
+def _check_out_specs(operator, out_specs: Any) -> Any:
+    """One PartitionSpec per output: the attention output, then each extra output."""
+    extras = operator.extra_names()
+    if not extras:
+        return _check_spec("out_specs", out_specs, None)
+    names = ("output",) + tuple(extras)
+    if not isinstance(out_specs, (tuple, list)) or isinstance(out_specs, PartitionSpec) \
+            or len(out_specs) != len(names):
+        raise ValueError(f"out_specs must be a sequence of {len(names)} PartitionSpecs, one "
+                         f"per output ({', '.join(names)}), got {out_specs!r}")
+    return tuple(_check_spec(f"out_specs[{i}] ({name})", spec, None)
+                 for i, (name, spec) in enumerate(zip(names, out_specs)))
+
+
+def _wide_integer(array: Any) -> bool:
+    return (hasattr(array, "dtype") and jnp.issubdtype(array.dtype, jnp.integer)
+            and jnp.dtype(array.dtype).itemsize >= 4)
+
+
 def shard_operator(operator, arrays: Sequence[Any], kwargs: dict[str, Any], *, mesh: Any,
                    in_specs: Any, out_specs: Any, head_axis: str | None,
-                   validate: bool, **choice: Any) -> jax.Array:
+                   validate: bool, **choice: Any) -> Any:
     """`operator`'s public function run per shard of `mesh` through ``jax.shard_map``.
 
     The arguments are checked whole first (errors name them as an unsharded call would;
     ``validate=True`` checks the values whole too). `in_specs` gives one PartitionSpec per
-    array argument (sinks excluded), `out_specs` the output's; either defaults to
+    array argument (sinks excluded), `out_specs` the output's (one per output for an
+    operator with extra outputs, such as an updated cache); either defaults to
     :meth:`Operator.shard_specs`, which splits heads over `head_axis` (default: the mesh's
     only axis, or its axis named "tp"). Sinks, in any accepted form, are reduced to one
-    logit per query head here and split like the query heads. Inside, each shard calls
-    the operator on its own arrays, so the variant and config are looked up for the
-    per-shard shape, once per trace.
+    logit per query head here and split like the query heads; other array keywords (a
+    cache's scales) are replicated. Inside, each shard calls the operator on its own
+    arrays, so the variant and config are looked up for the per-shard shape, once per trace.
     """
     # Imported here: run reaches the registry, whose variant modules import this module.
     from .run import check_values
@@ -128,10 +213,9 @@ def shard_operator(operator, arrays: Sequence[Any], kwargs: dict[str, Any], *, m
     prepared, shape = operator.prepare(*arrays, **kwargs)
     names = operator.array_names
     # The shards get int32 index arrays: a wider one is checked for overflow here, whole
-    # (shard_map's transfer would cast it silently).
-    arrays = [as_int32(name, a) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.integer)
-              else a if hasattr(a, "shape") else jnp.asarray(a)
-              for name, a in zip(names, arrays)]
+    # (shard_map's transfer would cast it silently). Narrower integers (an int8 cache) stay.
+    arrays = [as_int32(name, a) if _wide_integer(a) else a if hasattr(a, "shape")
+              else jnp.asarray(a) for name, a in zip(names, arrays)]
     if validate:
         check_values(operator, shape, operator.value_arrays(prepared))
     if in_specs is None or out_specs is None:
@@ -144,19 +228,33 @@ def shard_operator(operator, arrays: Sequence[Any], kwargs: dict[str, Any], *, m
                          f"got {in_specs!r}")
     specs = [_check_spec(f"in_specs[{i}] ({names[i]})", spec, arrays[i].ndim)
              for i, spec in enumerate(in_specs)]
-    out_specs = _check_spec("out_specs", out_specs, None)
+    out_specs = _check_out_specs(operator, out_specs)
+    problems = split_problems(names, arrays, specs, mesh, operator.split_notes)
+    if problems:
+        raise ValueError(f"{operator.function_name} over mesh {dict(mesh.shape)}: "
+                         + "; ".join(problems))
     sinks = getattr(prepared, "sinks", None)  # float32 [Hq] when given
+    call_kwargs = {k: v for k, v in kwargs.items() if k != "sinks"}
+    # Array keywords travel as replicated inputs (a closed-over array would be a constant
+    # of every shard's program, or a tracer of the enclosing jit leaking into shard_map).
+    array_keywords = [k for k, v in call_kwargs.items() if hasattr(v, "shape")]
+    for name in array_keywords:
+        arrays.append(jnp.asarray(call_kwargs.pop(name)))
+        specs.append(PartitionSpec())
     if sinks is not None:
         arrays.append(sinks)
         specs.append(PartitionSpec(operator.head_entry(specs, arrays)))
     placed = [_place(array, mesh, spec) for array, spec in zip(arrays, specs)]
-    call_kwargs = {k: v for k, v in kwargs.items() if k != "sinks"}
+    positional = len(names)
 
     def per_shard(*shards):
+        keywords = dict(call_kwargs)
+        rest = list(shards[positional:])
+        for name in array_keywords:
+            keywords[name] = rest.pop(0)
         if sinks is not None:
-            *shards, shard_sinks = shards
-            call_kwargs["sinks"] = shard_sinks
-        return operator.function(*shards, **call_kwargs, validate=False, **choice)
+            keywords["sinks"] = rest.pop(0)
+        return operator.function(*shards[:positional], **keywords, validate=False, **choice)
 
     return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
                          out_specs=out_specs)(*placed)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sharding import out_struct
+from .sharding import check_interpreter_threads, out_struct
 
 # A launch function runs `kernel` on `grid` with `inputs` (arrays of its backend, then plain
 # Python ints: sizes passed at run time, so one compiled kernel serves every size), then the
@@ -197,6 +197,7 @@ def call_interpreted(run: Callable[..., Any], out_shape: tuple[tuple[int, ...], 
         with interpreter_scope():
             return to_numpy(run(interpreter_launch, *tensors))
 
+    check_interpreter_threads("Triton's interpreter")
     shape, dtype = out_shape
     return jax.pure_callback(on_host, out_struct(shape, dtype, arrays), *arrays)
 

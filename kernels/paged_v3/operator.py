@@ -7,16 +7,18 @@ docs/semantics.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from ..operator import Operator
 from ..paged.operator import OPERATOR as PAGED
 from ..run import run_operator
+from ..sharding import no_specs_without_mesh as _no_specs_without_mesh, shard_operator
 from ..tunables import cdiv
 from . import cache, inputs
 from .inputs import PagedV3Shape
@@ -39,6 +41,10 @@ def ragged_paged_attention_v3(
     config: Mapping[str, Any] | None = None,
     interpret: bool = False,
     validate: bool = False,
+    mesh: Mesh | None = None,
+    in_specs: Sequence[PartitionSpec] | None = None,
+    out_specs: tuple[PartitionSpec, PartitionSpec] | None = None,
+    head_axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Writes the new tokens into the paged cache, then attends it. Returns (output
     [T, Hq, D] in the queries' dtype, the updated kv_cache).
@@ -50,14 +56,25 @@ def ragged_paged_attention_v3(
     query_start_loc int32 [max_seqs + 1]; distribution int32 [3], cumulative sequence
     counts of the decode, chunked-prefill and mixed bands. Donate kv_cache under jit to
     update it in place. The contract: docs/semantics.md.
+
+    mesh= runs the call per shard inside jax.shard_map, as for decode_attention: in_specs
+    name the eight array arguments in order, out_specs the output and the updated cache;
+    by default heads are split over head_axis (queries, keys, values on their head axis,
+    kv_cache on its packed-row axis, which needs pack to divide 2 * Hkv / shards).
     """
-    return run_operator(
-        OPERATOR, (queries, keys, values, kv_cache, context_lens, page_table, query_start_loc,
-                   distribution),
-        dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
-             logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale),
-        variant=variant, config=config, interpret=interpret, validate=validate,
-        output_dtype=queries.dtype)
+    arrays = (queries, keys, values, kv_cache, context_lens, page_table, query_start_loc,
+              distribution)
+    kwargs = dict(softmax_scale=softmax_scale, sliding_window=sliding_window,
+                  logits_soft_cap=logits_soft_cap, sinks=sinks, k_scale=k_scale,
+                  v_scale=v_scale)
+    if mesh is not None:
+        return shard_operator(
+            OPERATOR, arrays, kwargs, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+            head_axis=head_axis, validate=validate, variant=variant, config=config,
+            interpret=interpret)
+    _no_specs_without_mesh(in_specs, out_specs, head_axis)
+    return run_operator(OPERATOR, arrays, kwargs, variant=variant, config=config,
+                        interpret=interpret, validate=validate, output_dtype=queries.dtype)
 
 
 def _as_paged(args: tuple) -> tuple:
@@ -107,11 +124,18 @@ class PagedV3Operator(Operator):
     array_names = ("queries", "keys", "values", "kv_cache", "context_lens", "page_table",
                    "query_start_loc", "distribution")
 
+    split_notes = {"kv_cache": "its axis 2 holds pack = 32 / bits combined key/value slots "
+                               "per row, so a head split needs pack to divide 2 * Hkv / shards"}
+
     def shard_specs(self, axis, arrays):
-        # The packed cache splits over heads only where the packing divides a shard's heads,
-        # and the result is a pair: the mesh= keywords are not offered for this op yet.
-        raise ValueError(f"{self.function_name} does not take mesh= yet; call it inside your "
-                         "own jax.shard_map")
+        # A contiguous split of the packed rows gives each shard the combined slots 2g, 2g + 1
+        # of its own key/value heads, laid out as a cache of Hkv / shards heads would be,
+        # whenever the split divides the rows (then no row mixes two shards' heads). The
+        # updated cache comes back split the same way.
+        heads = PartitionSpec(None, axis, None)
+        cache_spec = PartitionSpec(None, None, axis, None, None)
+        indices = (PartitionSpec(),) * 4
+        return (heads, heads, heads, cache_spec) + indices, (heads, cache_spec)
 
     def output_shape(self, shape):
         return (shape.num_tokens, shape.q_heads, shape.head_dim)
