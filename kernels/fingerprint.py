@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 # Modules that describe variants rather than generate code (see the module docstring).
-_DESCRIPTIVE = frozenset({"variant", "tunables", "inputs", "registry", "operator", "platform"})
+_DESCRIPTIVE = frozenset({"variant", "tunables", "inputs", "registry", "operator", "platform",
+                          "peers"})
 _TOOLCHAIN = ("attnbench", "jax", "jaxlib", "triton", "jax-triton", "libtpu")
 
 
