@@ -79,6 +79,12 @@ def list_variants(
                    f"{'  default on: ' + ', '.join(default_on) if default_on else ''}")
         typer.echo(f"  features: {', '.join(item['features']) or 'none'};"
                    f" dtypes: {', '.join(item['dtypes'])}")
+        if item["peer"]:
+            peer = item["peer"]
+            typer.echo(f"  peer: {peer['project']} {peer['version'] or '(not installed)'}, "
+                       f"{peer['entry_point']}")
+        if item["input_conversion"]:
+            typer.echo(f"  input conversion: {item['input_conversion']}")
         if item["unavailable"]:
             typer.echo(f"  unavailable: {item['unavailable']}")
         if not item["config_space"]:
@@ -245,10 +251,15 @@ def bench(
                                            "profiler on GPU/TPU, wall on CPU."),
     cache: str = typer.Option("auto", help="cold (flush the device cache before each call), "
                                            "warm, or auto: cold on GPU."),
+    peers: bool = typer.Option(False, "--peers",
+                               help="Also the peer variants (JAX's and ejkernel's kernels), "
+                                    "then a side-by-side table: each variant's default and "
+                                    "best config, time, fraction of the floor, error."),
 ) -> None:
     """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
     from attnbench.tuner.measure import roofline
-    from attnbench.tuner.measure.bench import BENCH_PROBLEMS, bench_problem, run_bench
+    from attnbench.tuner.measure.bench import (BENCH_PROBLEMS, bench_problem, run_bench,
+                                               side_by_side_markdown)
     from attnbench.tuner.plan.sweep_file import SweepFileError
 
     from attnbench.tuner.measure.timing import CACHE_MODES, TIMERS
@@ -275,8 +286,10 @@ def bench(
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
     best = None
+    rows = []
     for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
-                         timer=timer, cache=cache):
+                         timer=timer, cache=cache, peers=peers):
+        rows.append(row)
         if row.timing is None:
             typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
             continue
@@ -290,6 +303,11 @@ def bench(
             typer.echo(f"    note: {row.timing.timer_note}")
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
+    if peers:
+        typer.echo("")
+        for line in side_by_side_markdown(rows):
+            typer.echo(line)
+        typer.echo("")
     if best is None:
         typer.echo("no variant ran correctly")
         raise typer.Exit(1)

@@ -79,6 +79,9 @@ def variant_fingerprint(variant: Any) -> str:
         # Names inside the package, so where a checkout lives does not matter.
         digest.update(_relative_name(path).encode() + b"\0")
         digest.update(_file_digest(path, stat.st_size, stat.st_mtime_ns).encode() + b"\0")
+    peer = getattr(variant, "peer", None)
+    if peer is not None:  # a peer's kernel is its project's code: its version counts
+        digest.update(f"{peer.distribution}=={peer.version()}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -140,6 +140,8 @@ def _from_tables(shape, key, variant_name, platform, interpret) -> Choice | None
                 where = f"{table.path} entries[{table.file_index(index)}]"
                 # Reading the table already refused unknown variants and bad tunables.
                 variant = registry.get_variant(shape.op, entry.variant)
+                if variant.peer is not None and variant_name is None:
+                    continue  # a peer's entry serves only calls that name the peer
                 if variant.unsupported_reason(shape, platform, interpret):
                     continue  # e.g. a GPU entry on a CPU: expected, not worth a warning
                 if not _code_matches(entry, variant, table, where, key):

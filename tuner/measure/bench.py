@@ -7,7 +7,8 @@ A quick, unpersisted look at how close each variant gets to the memory floor; th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,11 +16,12 @@ import jax
 from attnbench.kernels import registry
 from attnbench.kernels.jax_compat import compile_with_device_events
 from attnbench.kernels.platform import current_device_kind, current_platform
-from attnbench.kernels.tunables import KernelConfig, sample_configs
+from attnbench.kernels.tunables import sample_configs
 
 from . import roofline
 from .accuracy import extras_problems, judge
-from .input_sets import copied, donation, rotated_input_sets
+from .input_sets import copied, donation, rotated_input_sets, with_array_keywords_last
+from .kernel_calls import KernelCall
 from ..plan.sweep_file import problem_from_entry
 from .timing import Timing, TimingPolicy, time_call
 
@@ -59,36 +61,35 @@ class BenchRow:
     config: dict
     timing: Timing | None
     relative_error: float
-    status: str  # "ok", "wrong: <why>" or "error: ..."
+    status: str  # "ok", "wrong: <why>", "unsupported: <why>" or "error: ..."
     floor_us: float
+    is_default: bool = False
+    peer: str | None = None  # "jax 0.10.2": another project's kernel, at that version
+    input_conversion: str = ""  # what was converted once, untimed, for a peer's layout
 
     @property
     def fraction_of_floor(self) -> float:
         return self.timing.median_us / self.floor_us if self.timing else float("inf")
 
 
-def compile_call(op: str, variant: str, config: KernelConfig | None, args: tuple,
-                 kwargs: dict, device_events: bool = False) -> Callable:
-    """The ahead-of-time compiled operator call for these inputs (compile time excluded
-    later), donating the arguments the operator returns updated, with profiler events
-    where the platform emits them only on request."""
-    operator = registry.get_operator(op)
-    config_dict = None if config is None else config.to_dict()
-
-    def call(*arrays):
-        return operator.function(*arrays, variant=variant, config=config_dict, **kwargs)
-
-    donated, _ = donation(operator, len(args))
-    lowered = jax.jit(call, donate_argnums=donated).lower(*args)
-    return compile_with_device_events(lowered, current_platform()) if device_events else lowered.compile()
+def _included(variant, variant_names: list[str] | None, peers: bool, platform: str) -> bool:
+    """Named variants; otherwise ours that run natively here, and with `peers` every peer
+    (those that cannot run here get a row saying why)."""
+    if variant_names is not None:
+        return variant.name in variant_names
+    if variant.peer is not None:
+        return peers
+    return variant.name != "reference" and platform in variant.platforms
 
 
 def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 0,
               repeats: int = 10, seed: int = 0, timer: str = "auto",
-              cache: str = "auto") -> Iterator[BenchRow]:
+              cache: str = "auto", peers: bool = False) -> Iterator[BenchRow]:
     """Yields one row per (variant, config): heuristic default first, then `sample` random.
 
-    `timer` and `cache` as in a sweep file's timing (timing.TimingPolicy.for_device)."""
+    `timer` and `cache` as in a sweep file's timing (timing.TimingPolicy.for_device);
+    `peers`: also the peer variants (other projects' kernels), each judged and timed the
+    same way, their layout conversion (if any) done once per input set before timing."""
     policy = TimingPolicy.for_device(current_platform(), current_device_kind(), timer=timer,
                                      cache=cache,
                                      host_cache_bytes=roofline.last_level_cache_bytes())
@@ -100,40 +101,102 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     floor = roofline.floor_us(moved, roofline.read_bandwidth())
     operator = registry.get_operator(op)
     donated, carry = donation(operator, len(args))
+    _, trailing = with_array_keywords_last(None, len(args), kwargs)
+    reference_call = KernelCall(operator, operator.reference, None, len(args), kwargs,
+                                output_dtype="float32")
     reference, reference_extras = operator.split_result(
-        compile_call(op, "reference", None, args, kwargs)(*copied(args, donated)))
+        jax.jit(reference_call.run)(*copied(tuple(args) + trailing, donated)))
     zero_rows, key_ranges = operator.zero_rows(args), operator.key_ranges(args, kwargs)
     input_sets = [args]
     if moved < 4 * roofline.last_level_cache_bytes():
         # Same shapes as `args` (another seed's paged inputs have another page count, which
         # the compiled call would refuse).
         input_sets = rotated_input_sets(args, seed, 3)
+    input_sets = [tuple(inputs) + trailing for inputs in input_sets]
     platform = current_platform()
     for variant in registry.variants(op):
-        if variant_names is not None and variant.name not in variant_names:
+        if not _included(variant, variant_names, peers, platform):
             continue
-        if variant_names is None and (variant.name == "reference" or platform not in variant.platforms):
+        origin = None if variant.peer is None else f"{variant.peer.project} {variant.peer.version()}"
+        row = functools.partial(BenchRow, variant.name, floor=floor, peer=origin,
+                                input_conversion=variant.conversion)
+        unsupported = variant.unsupported_reason(shape, platform, interpret=False)
+        if unsupported:
+            yield row({}, None, float("inf"), f"unsupported: {unsupported}")
             continue
         configs = [variant.default_config(shape)]
         configs += [c for c in sample_configs(variant.config_class, shape, sample, seed)
                     if c != configs[0]]
-        for config in configs:
+        for number, config in enumerate(configs):
+            is_default = number == 0
             try:
-                compiled = compile_call(op, variant.name, config, args, kwargs, events)
-                output, extras = operator.split_result(compiled(*copied(args, donated)))
+                call = KernelCall(operator, variant, config, len(args), kwargs)
+                timed_sets = call.timed_input_sets(input_sets)
+                lowered = jax.jit(call.run, donate_argnums=donated).lower(*timed_sets[0])
+                compiled = (compile_with_device_events(lowered, platform) if events
+                            else lowered.compile())
+                output, extras = operator.split_result(compiled(*copied(timed_sets[0], donated)))
                 accuracy = judge(output, reference, problem.dtype,
                                  zero_rows=zero_rows, key_ranges=key_ranges)
                 wrong_extras = extras_problems(operator, extras, reference_extras)
             except Exception as error:  # noqa: BLE001 -- a failing config is a result
-                yield BenchRow(variant.name, config.to_dict(), None, float("inf"),
-                               f"error: {type(error).__name__}: {error}"[:200], floor)
+                yield row(config.to_dict(), None, float("inf"),
+                          f"error: {type(error).__name__}: {error}"[:200], is_default=is_default)
                 continue
             if not accuracy.ok or wrong_extras:
-                yield BenchRow(variant.name, config.to_dict(), None, accuracy.relative_error,
-                               "wrong: " + (accuracy.reason or "; ".join(wrong_extras)), floor)
+                yield row(config.to_dict(), None, accuracy.relative_error,
+                          "wrong: " + (accuracy.reason or "; ".join(wrong_extras)),
+                          is_default=is_default)
                 continue
-            timing = time_call(compiled, [copied(inputs, donated) for inputs in input_sets],
+            timing = time_call(compiled, [copied(inputs, donated) for inputs in timed_sets],
                                repeats=repeats, policy=policy, bytes_per_call=moved,
                                carry=carry)
-            yield BenchRow(variant.name, config.to_dict(), timing, accuracy.relative_error,
-                           "ok", floor)
+            yield row(config.to_dict(), timing, accuracy.relative_error, "ok",
+                      is_default=is_default)
+
+
+def side_by_side(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Per variant, ours first then peers: its default config's row and its best (fastest
+    ok) row, for the comparison tables of `attnbench bench --peers`."""
+    by_variant: dict[str, list[BenchRow]] = {}
+    for row in rows:
+        by_variant.setdefault(row.variant, []).append(row)
+    table = []
+    for name, own in sorted(by_variant.items(), key=lambda item: item[1][0].peer is not None):
+        default = next((r for r in own if r.is_default), own[0])
+        timed = [r for r in own if r.timing is not None]
+        best = min(timed, key=lambda r: r.timing.median_us) if timed else default
+        table.append({"variant": name, "peer": default.peer, "default": default, "best": best,
+                      "configs": len(own), "input_conversion": default.input_conversion})
+    return table
+
+
+def _cell(row: BenchRow) -> tuple[str, str, str]:
+    if row.timing is None:
+        error = "" if row.relative_error == float("inf") else f"{row.relative_error:.1e}"
+        return row.status.split(":")[0], "", error
+    return (f"{row.timing.median_us:.0f}", f"{row.fraction_of_floor:.2f}",
+            f"{row.relative_error:.1e}")
+
+
+def side_by_side_markdown(rows: list[BenchRow]) -> list[str]:
+    """The comparison as a Markdown table: per variant its default and best config, with
+    median time, fraction of the memory floor and error against the reference; then the
+    reasons of the variants that did not run or were judged wrong."""
+    lines = ["| variant | from | default: us | x floor | rel err | best: us | x floor "
+             "| rel err | best config |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    notes = []
+    for item in side_by_side(rows):
+        default, best = item["default"], item["best"]
+        origin = item["peer"] or "attnbench"
+        best_cells = _cell(best) if best.timing is not None else ("", "", "")
+        config = ", ".join(f"{k}={v}" for k, v in best.config.items()) if best.timing else ""
+        lines.append(f"| {item['variant']} | {origin} | " + " | ".join(_cell(default)) + " | "
+                     + " | ".join(best_cells) + f" | {config} |")
+        if default.status != "ok":
+            notes.append(f"{item['variant']}: {default.status}")
+        if item["input_conversion"]:
+            notes.append(f"{item['variant']}: input converted, not timed: "
+                         f"{item['input_conversion']}")
+    return lines + ([""] + [f"- {note}" for note in notes] if notes else [])
