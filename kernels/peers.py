@@ -65,7 +65,21 @@ def _distribution_version(distribution: str) -> str | None:
 
 @functools.cache
 def _module_exists(module: str) -> bool:
+    """Whether `module` is installed, found on disk: importing a project (ejkernel takes
+    seconds) is left to the first call of its kernel."""
+    top, *rest = module.split(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    if not rest:
+        return True
+    from pathlib import Path
+
+    for location in spec.submodule_search_locations or ():
+        base = Path(location).joinpath(*rest)
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            return True
+    return False

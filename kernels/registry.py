@@ -13,6 +13,7 @@ from __future__ import annotations
 from .decode import cpu_native as decode_cpu_native
 from .decode import operator as decode_operator
 from .decode import pallas_tpu as decode_pallas_tpu
+from .decode import peer_ejkernel as decode_peer_ejkernel
 from .decode import peer_jax_gpu as decode_peer_jax_gpu
 from .decode import reference as decode_reference
 from .decode import triton_splitkv as decode_triton_splitkv
@@ -22,6 +23,7 @@ from .operator import Operator
 from .paged import cpu_native as paged_cpu_native
 from .paged import operator as paged_operator
 from .paged import pallas_tpu as paged_pallas_tpu
+from .paged import peer_ejkernel as paged_peer_ejkernel
 from .paged import peer_jax_gpu as paged_peer_jax_gpu
 from .paged import peer_jax_tpu as paged_peer_jax_tpu
 from .paged import reference as paged_reference
@@ -58,6 +60,8 @@ VARIANTS: tuple[Variant, ...] = (
     decode_peer_jax_gpu.VARIANT,
     paged_peer_jax_gpu.VARIANT,
     paged_peer_jax_tpu.VARIANT,
+    *decode_peer_ejkernel.VARIANTS,  # XLA, Triton, Pallas TPU
+    *paged_peer_ejkernel.VARIANTS,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).
