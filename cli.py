@@ -196,6 +196,41 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
 
 
 @app.command()
+def export(
+    table: Path = typer.Argument(..., help="A tuned table (.json): a run's table.json or an "
+                                           "installed one."),
+    format: str = typer.Option(..., "--format",
+                               help="easydel (EasyDeL's operation_configs: ejkernel config "
+                                    "objects) or jax-rpa (JAX's TPU ragged paged attention "
+                                    "tuned_block_sizes)."),
+    out: Optional[Path] = typer.Option(None, help="Write here (easydel: a .py file builds the "
+                                                  "objects, else JSON); default: print."),
+) -> None:
+    """Write a tuned table's peer entries in the format of the stack that calls the peer."""
+    from attnbench.kernels.peers import EXPORT_FORMATS
+    from attnbench.kernels.table import TableError, read_table
+    from attnbench.tuner.results.export import ExportError, export_text
+
+    if format not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"choose from {list(EXPORT_FORMATS)}, got {format!r}",
+                                 param_hint="--format")
+    if not table.exists():
+        typer.echo(f"{table}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        text = export_text(read_table(table), format,
+                           python=out is not None and out.suffix == ".py")
+    except (TableError, ExportError) as error:
+        typer.echo(f"{table}: {error}", err=True)
+        raise typer.Exit(1) from None
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def demo(
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     dtype: str = typer.Option("bfloat16", help="Input dtype."),

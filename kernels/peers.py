@@ -13,7 +13,11 @@ import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from typing import Any
+
+# Formats `attnbench export` writes for the stacks that call peers.
+EXPORT_FORMATS = ("easydel", "jax-rpa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,11 @@ class PeerOrigin:
     module: str  # the module defining the kernel's entry point
     function: str  # the entry point, a name in `module`
     extra: str | None = None  # the attnbench extra that installs it, when not a dependency
+    # How a tuned entry of this peer is written for the stack that calls it: the format
+    # (one of EXPORT_FORMATS) and `export_entry(key, config) -> dict`, the entry in that
+    # format's terms (tuner/results/export.py assembles the file).
+    export_format: str | None = None
+    export_entry: Callable[[dict, dict], dict] | None = None
 
     @property
     def entry_point(self) -> str:

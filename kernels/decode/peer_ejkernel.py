@@ -25,15 +25,31 @@ from ..variant import Variant
 ALGORITHM = "ragged_decode_attention"
 
 
-def _origin(platform_package: str) -> PeerOrigin:
+CONFIG_CLASS = "ejkernel.modules.operations.configs.RaggedDecodeAttentionConfig"
+
+
+def _easydel_entry(platform: str, backend: str):
+    """The EasyDeL operation config of a tuned entry: ejkernel's RaggedDecodeAttentionConfig
+    with the tuned FwdParams fields and the platform pinned."""
+    def entry(key: dict, config: dict) -> dict:
+        fields = dict(config)
+        if platform == "pallas":
+            fields["q_blocksize"] = 1  # what the platform's own default sets
+        return {"operation": ALGORITHM, "config_class": CONFIG_CLASS,
+                "fields": {"fwd_params": fields, "platform": platform, "backend": backend}}
+    return entry
+
+
+def _origin(platform_package: str, platform: str, backend: str) -> PeerOrigin:
     return PeerOrigin(project="ejkernel", distribution="ejkernel",
                       module=f"ejkernel.kernels.{platform_package}.{ALGORITHM}",
-                      function=ALGORITHM, extra="peers")
+                      function=ALGORITHM, extra="peers", export_format="easydel",
+                      export_entry=_easydel_entry(platform, backend))
 
 
-XLA_ORIGIN = _origin("_xla")
-TRITON_ORIGIN = _origin("_triton")
-PALLAS_TPU_ORIGIN = _origin("_pallas.tpu")
+XLA_ORIGIN = _origin("_xla", "xla", "any")
+TRITON_ORIGIN = _origin("_triton", "triton", "gpu")
+PALLAS_TPU_ORIGIN = _origin("_pallas.tpu", "pallas", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +158,10 @@ VARIANT_TRITON = Variant(
 
 VARIANT_PALLAS_TPU = Variant(
     name="ejkernel_ragged_decode_pallas_tpu", op="decode", platforms=("tpu",),
-    interpretable=True, features=ALL_FEATURES, config_class=EjkernelDecodePallasTpuConfig,
+    # Traced under TPU interpret mode (interpret=True on the kernel), ejkernel 0.0.80.3's
+    # vmapped Pallas call fails inside JAX 0.10 (`safe_zip() argument 1 has length 2 but
+    # argument 0 has length 3`); tests/test_peers.py checks that this is still so.
+    interpretable=False, features=ALL_FEATURES, config_class=EjkernelDecodePallasTpuConfig,
     kernel=ejkernel_decode_pallas_tpu,
     heuristic=lambda shape: EjkernelDecodePallasTpuConfig().clamp(shape),
     description="peer: ejkernel's ragged_decode_attention, Pallas TPU platform",

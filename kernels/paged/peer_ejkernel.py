@@ -28,15 +28,31 @@ POSITIVE_OR_NONE = Rule(lambda v: v is None or POSITIVE_INT.check(v),
                         "None (ejkernel chooses) or a positive int")
 
 
-def _origin(platform_package: str) -> PeerOrigin:
+CONFIG_CLASS = "ejkernel.modules.operations.configs.RaggedPageAttentionv2Config"
+
+
+def _easydel_entry(platform: str, backend: str):
+    """The EasyDeL operation config of a tuned entry: ejkernel's RaggedPageAttentionv2Config
+    with the tuned fields (those left to ejkernel keep the class's defaults) and the
+    platform pinned."""
+    def entry(key: dict, config: dict) -> dict:
+        fields = {name: value for name, value in config.items()
+                  if name != "vmem_limit_bytes" and value is not None}
+        return {"operation": ALGORITHM, "config_class": CONFIG_CLASS,
+                "fields": {**fields, "platform": platform, "backend": backend}}
+    return entry
+
+
+def _origin(platform_package: str, platform: str, backend: str) -> PeerOrigin:
     return PeerOrigin(project="ejkernel", distribution="ejkernel",
                       module=f"ejkernel.kernels.{platform_package}.{ALGORITHM}",
-                      function=ALGORITHM, extra="peers")
+                      function=ALGORITHM, extra="peers", export_format="easydel",
+                      export_entry=_easydel_entry(platform, backend))
 
 
-XLA_ORIGIN = _origin("_xla")
-TRITON_ORIGIN = _origin("_triton")
-PALLAS_TPU_ORIGIN = _origin("_pallas.tpu")
+XLA_ORIGIN = _origin("_xla", "xla", "any")
+TRITON_ORIGIN = _origin("_triton", "triton", "gpu")
+PALLAS_TPU_ORIGIN = _origin("_pallas.tpu", "pallas", "tpu")
 
 
 def _pages_reason(pages: int | None, shape: PagedShape) -> str | None:
@@ -135,7 +151,10 @@ VARIANT_TRITON = Variant(
 
 VARIANT_PALLAS_TPU = Variant(
     name="ejkernel_rpa_v2_pallas_tpu", op="paged", platforms=("tpu",),
-    interpretable=True, features=ALL_FEATURES, config_class=EjkernelRaggedPagedPallasTpuConfig,
+    # JAX 0.10's TPU interpreter cannot read the reshaped VMEM views this kernel takes, as
+    # for JAX's own kernel it derives from (kernels/paged/peer_jax_tpu.py), and without
+    # block sizes it asks the chip for its tuned ones; tests/test_peers.py checks both.
+    interpretable=False, features=ALL_FEATURES, config_class=EjkernelRaggedPagedPallasTpuConfig,
     kernel=ejkernel_ragged_paged_pallas_tpu,
     heuristic=lambda shape: EjkernelRaggedPagedPallasTpuConfig(),
     description="peer: ejkernel's ragged_page_attention_v2, Pallas TPU platform",

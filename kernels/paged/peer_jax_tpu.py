@@ -16,6 +16,7 @@ is still so.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,30 @@ from ..tunables import KernelConfig, POSITIVE_INT, Rule, tunable
 from ..variant import Variant
 
 PACKAGE = "jax.experimental.pallas.ops.tpu.ragged_paged_attention"
-ORIGIN = PeerOrigin(project="jax", distribution="jax", module=PACKAGE,
-                    function="ragged_paged_attention")
 MiB = 1 << 20
+
+
+def tuned_block_sizes_entry(key: dict, config: dict) -> dict:
+    """A tuned entry as a line of the kernel's `tuned_block_sizes.py`: its chip name (the
+    first two words of the device kind JAX reports: 'TPU v6'), its simplified key (dtypes,
+    heads per block, head dim padded to 128, page size, token count and page_size *
+    pages_per_seq, as that module's `simplify_key` makes them) and the block sizes."""
+    module = _module()
+    dtype = jnp.dtype(key["dtype"])
+    q_heads_per_block, combined_per_block = module.get_min_heads_per_blk(
+        key["q_heads"], 2 * key["kv_heads"], dtype, dtype)
+    pages_per_seq = max(key["max_len"] // key["page_size"], 1)
+    simplified = importlib.import_module(PACKAGE + ".tuned_block_sizes").simplify_key(
+        (dtype, dtype, q_heads_per_block, combined_per_block // 2, key["head_dim"],
+         key["page_size"], key["tokens"], pages_per_seq))
+    generation = key["device_kind"].removeprefix("tpu-").rstrip("abcdefghijklmnopqrstuvwxyz")
+    return {"device": f"TPU {generation}", "key": list(simplified),
+            "block_sizes": [config["num_kv_pages_per_block"], config["num_queries_per_block"]]}
+
+
+ORIGIN = PeerOrigin(project="jax", distribution="jax", module=PACKAGE,
+                    function="ragged_paged_attention", export_format="jax-rpa",
+                    export_entry=tuned_block_sizes_entry)
 LIMIT_OR_NONE = Rule(lambda v: v is None or POSITIVE_INT.check(v),
                      "None (Mosaic's default) or a positive int of bytes")
 
@@ -59,8 +81,6 @@ class JaxTpuRaggedPagedConfig(KernelConfig):
 
 
 def _module():
-    import importlib
-
     return importlib.import_module(PACKAGE + ".kernel")
 
 
