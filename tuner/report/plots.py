@@ -350,5 +350,4 @@ def plot_peers(run: Run, summaries: list[ProblemSummary], out: Path) -> Path | N
         axis.grid(True, axis="x", alpha=0.3)
     _title(figure, "vs peers: ours and other projects' kernels on each problem\n"
                    f"{plot_subtitle(run, [s.key.get('dtype') for s, _ in compared])}")
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(figure, out / "peers.png")
