@@ -81,7 +81,7 @@ def variant_fingerprint(variant: Any) -> str:
         digest.update(_file_digest(path, stat.st_size, stat.st_mtime_ns).encode() + b"\0")
     peer = getattr(variant, "peer", None)
     if peer is not None:  # a peer's kernel is its project's code: its version counts
-        digest.update(f"{peer.distribution}=={peer.version()}".encode())
+        digest.update(f"{peer.distribution}=={peer.version()} {peer.entry_point}".encode())
     return digest.hexdigest()[:16]
 
 
