@@ -328,6 +328,11 @@ def bench(
         if row.timing is None:
             typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
             continue
+        if row.status != "ok":  # a wrong peer, timed for the comparison
+            typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median "
+                       f"{row.timing.median_us:9.0f} us, {row.fraction_of_floor:5.2f}x floor, "
+                       f"{row.status}")
+            continue
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
                    f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e} "

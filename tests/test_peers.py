@@ -206,12 +206,18 @@ def test_bench_puts_peers_beside_ours_with_time_floor_and_error():
     ejkernel_rows = by_name["ejkernel_ragged_decode_xla"]
     assert ejkernel_rows[0].is_default and ejkernel_rows[0].peer.startswith("ejkernel 0.0.80")
     assert all(r.status == "ok" and r.fraction_of_floor > 0 for r in by_name["xla_blocked"])
+    # Wrong or not, a peer that runs is timed; only a correct config can be its best.
+    assert all(r.timing is not None and r.fraction_of_floor > 0 for r in ejkernel_rows)
     table = side_by_side_markdown(rows)
-    assert table[0].startswith("| variant | from | default: us | x floor | rel err | best")
+    assert table[0].startswith("| variant | from | default | us | x floor | rel err | best |")
     lines = {line.split(" | ")[0].strip("| "): line for line in table[2:] if line.startswith("|")}
     assert list(lines)[0] == "xla_blocked"  # ours first
-    assert " | attnbench | " in lines["xla_blocked"]
+    assert " | attnbench | ok | " in lines["xla_blocked"]
     assert f" | jax {jax.__version__} | unsupported | " in lines["jax_gpu_decode_attention"]
+    status = ejkernel_rows[0].status.split(":")[0]
+    assert lines["ejkernel_ragged_decode_xla"].startswith(
+        f"| ejkernel_ragged_decode_xla | {ejkernel_rows[0].peer} | {status} | "
+        f"{ejkernel_rows[0].timing.median_us:.0f} | ")
     assert any(note.startswith("- jax_gpu_decode_attention: unsupported:") for note in table)
 
 

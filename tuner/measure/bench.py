@@ -118,7 +118,7 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         if not _included(variant, variant_names, peers, platform):
             continue
         origin = None if variant.peer is None else f"{variant.peer.project} {variant.peer.version()}"
-        row = functools.partial(BenchRow, variant.name, floor=floor, peer=origin,
+        row = functools.partial(BenchRow, variant.name, floor_us=floor, peer=origin,
                                 input_conversion=variant.conversion)
         unsupported = variant.unsupported_reason(shape, platform, interpret=False)
         if unsupported:
@@ -143,15 +143,18 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
                 yield row(config.to_dict(), None, float("inf"),
                           f"error: {type(error).__name__}: {error}"[:200], is_default=is_default)
                 continue
-            if not accuracy.ok or wrong_extras:
-                yield row(config.to_dict(), None, accuracy.relative_error,
-                          "wrong: " + (accuracy.reason or "; ".join(wrong_extras)),
+            ok = accuracy.ok and not wrong_extras
+            status = "ok" if ok else "wrong: " + (accuracy.reason or "; ".join(wrong_extras))
+            if not ok and variant.peer is None:
+                yield row(config.to_dict(), None, accuracy.relative_error, status,
                           is_default=is_default)
                 continue
+            # A wrong peer is timed too: how fast what users run today is, beside how far off
+            # it is. It is never a best config (side_by_side).
             timing = time_call(compiled, [copied(inputs, donated) for inputs in timed_sets],
                                repeats=repeats, policy=policy, bytes_per_call=moved,
                                carry=carry)
-            yield row(config.to_dict(), timing, accuracy.relative_error, "ok",
+            yield row(config.to_dict(), timing, accuracy.relative_error, status,
                       is_default=is_default)
 
 
@@ -164,36 +167,38 @@ def side_by_side(rows: list[BenchRow]) -> list[dict[str, Any]]:
     table = []
     for name, own in sorted(by_variant.items(), key=lambda item: item[1][0].peer is not None):
         default = next((r for r in own if r.is_default), own[0])
-        timed = [r for r in own if r.timing is not None]
-        best = min(timed, key=lambda r: r.timing.median_us) if timed else default
+        correct = [r for r in own if r.timing is not None and r.status == "ok"]
+        best = min(correct, key=lambda r: r.timing.median_us) if correct else None
         table.append({"variant": name, "peer": default.peer, "default": default, "best": best,
                       "configs": len(own), "input_conversion": default.input_conversion})
     return table
 
 
-def _cell(row: BenchRow) -> tuple[str, str, str]:
+def _cells(row: BenchRow | None) -> list[str]:
+    """status, median us, x floor, relative error (blank where not measured)."""
+    if row is None:
+        return ["", "", "", ""]
+    error = "" if row.relative_error == float("inf") else f"{row.relative_error:.1e}"
     if row.timing is None:
-        error = "" if row.relative_error == float("inf") else f"{row.relative_error:.1e}"
-        return row.status.split(":")[0], "", error
-    return (f"{row.timing.median_us:.0f}", f"{row.fraction_of_floor:.2f}",
-            f"{row.relative_error:.1e}")
+        return [row.status.split(":")[0], "", "", error]
+    return [row.status.split(":")[0], f"{row.timing.median_us:.0f}",
+            f"{row.fraction_of_floor:.2f}", error]
 
 
 def side_by_side_markdown(rows: list[BenchRow]) -> list[str]:
-    """The comparison as a Markdown table: per variant its default and best config, with
-    median time, fraction of the memory floor and error against the reference; then the
-    reasons of the variants that did not run or were judged wrong."""
-    lines = ["| variant | from | default: us | x floor | rel err | best: us | x floor "
+    """The comparison as a Markdown table: per variant its default and best correct config,
+    with median time, fraction of the memory floor and error against the reference (a wrong
+    peer's time is shown, marked wrong); then why a variant did not run or was wrong, and
+    which inputs were converted for a peer before timing."""
+    lines = ["| variant | from | default | us | x floor | rel err | best | us | x floor "
              "| rel err | best config |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     notes = []
     for item in side_by_side(rows):
         default, best = item["default"], item["best"]
-        origin = item["peer"] or "attnbench"
-        best_cells = _cell(best) if best.timing is not None else ("", "", "")
-        config = ", ".join(f"{k}={v}" for k, v in best.config.items()) if best.timing else ""
-        lines.append(f"| {item['variant']} | {origin} | " + " | ".join(_cell(default)) + " | "
-                     + " | ".join(best_cells) + f" | {config} |")
+        config = ", ".join(f"{k}={v}" for k, v in best.config.items()) if best else ""
+        lines.append(f"| {item['variant']} | {item['peer'] or 'attnbench'} | "
+                     + " | ".join(_cells(default) + _cells(best)) + f" | {config} |")
         if default.status != "ok":
             notes.append(f"{item['variant']}: {default.status}")
         if item["input_conversion"]:
