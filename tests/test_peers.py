@@ -130,8 +130,8 @@ def test_jax_tpu_ragged_paged_attention_does_not_run_in_the_tpu_interpreter():
     args, kwargs = dataclasses.replace(PAGED, head_dim=128).make_inputs(0)
     prepared, shape = operator.prepare(*args, **kwargs)
     with pytest.raises(Exception, match="ReshapeTransform"):
-        jax.block_until_ready(jax.jit(lambda p: peer_jax_tpu.jax_tpu_ragged_paged(
-            p, peer_jax_tpu.heuristic(shape), interpret=True))(prepared))
+        jax.block_until_ready(peer_jax_tpu.jax_tpu_ragged_paged(
+            prepared, peer_jax_tpu.heuristic(shape), interpret=True))
 
 
 def test_ejkernel_pallas_tpu_peers_do_not_run_in_the_tpu_interpreter():
@@ -147,8 +147,7 @@ def test_ejkernel_pallas_tpu_peers_do_not_run_in_the_tpu_interpreter():
         config = chosen.default_config(shape) if config is None else \
             chosen.config_class.from_mapping(config)
         with pytest.raises(Exception, match="safe_zip|ReshapeTransform"):
-            jax.block_until_ready(jax.jit(
-                lambda p: chosen.kernel(p, config, interpret=True))(prepared))
+            jax.block_until_ready(chosen.kernel(prepared, config, interpret=True))
 
 
 def test_ejkernel_xla_decode_passes_plain_and_is_wrong_with_window_cap_and_sinks():
@@ -181,7 +180,7 @@ def test_a_converting_peer_is_timed_on_arrays_converted_beforehand():
     pages = args[1].shape
     assert keys.shape == values.shape == (PAGED.kv_heads, pages[0], pages[1], PAGED.head_dim)
     run = jax.jit(call.run)
-    direct = jax.jit(lambda p: variant.kernel(p, config, interpret=True))(prepared)
+    direct = variant.kernel(prepared, config, interpret=True)
     np.testing.assert_array_equal(np.asarray(run(*timed)), np.asarray(direct))
     # The timed call reads the converted pools, not kv_pages: zero pools, zero attention.
     blank = run(*args, jnp.zeros_like(keys), jnp.zeros_like(values))
