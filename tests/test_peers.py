@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from attnbench.cli import app
 from attnbench.kernels import decode_attention, lookup, registry
 from attnbench.kernels.decode.problem import DecodeProblem
+from attnbench.kernels.fingerprint import variant_fingerprint
 from attnbench.kernels.paged import peer_jax_tpu
 from attnbench.kernels.paged.problem import PagedProblem
 from attnbench.kernels.peers import PeerOrigin
@@ -226,7 +227,8 @@ def test_bench_puts_peers_beside_ours_with_time_floor_and_error():
 def _record(variant, config, median, default=True):
     return {"problem_id": "p", "round": 0, "status": "ok", "variant": variant,
             "config": config, "is_default": default, "median_us": median,
-            "p20_us": median, "p80_us": median, "key": make_key(DECODE.shape(0), "cpu")}
+            "p20_us": median, "p80_us": median, "key": make_key(DECODE.shape(0), "cpu"),
+            "fingerprint": variant_fingerprint(registry.get_variant("decode", variant))}
 
 
 def test_a_faster_peer_gets_its_own_entry_and_never_the_keys_winner(tmp_path, monkeypatch):
