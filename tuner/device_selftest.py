@@ -139,6 +139,8 @@ def short_sweep_file(source: Path, out: Path) -> Path:
 
 def _our_winners(table_path) -> int:
     """Entries of our variants in a run's table (peers' best configs are entries too)."""
+    from .results import records
+
     if not table_path.exists():
         return 0
     return sum("peer" not in entry.get("source", {})
