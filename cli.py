@@ -220,8 +220,8 @@ def export(
     try:
         text = export_text(read_table(table), format,
                            python=out is not None and out.suffix == ".py")
-    except (TableError, ExportError) as error:
-        typer.echo(f"{table}: {error}", err=True)
+    except (TableError, ExportError) as error:  # each names the file itself
+        typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
     if out is None:
         typer.echo(text, nl=False)
