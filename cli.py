@@ -79,6 +79,12 @@ def list_variants(
                    f"{'  default on: ' + ', '.join(default_on) if default_on else ''}")
         typer.echo(f"  features: {', '.join(item['features']) or 'none'};"
                    f" dtypes: {', '.join(item['dtypes'])}")
+        if item["peer"]:
+            peer = item["peer"]
+            typer.echo(f"  peer: {peer['project']} {peer['version'] or '(not installed)'}, "
+                       f"{peer['entry_point']}")
+        if item["input_conversion"]:
+            typer.echo(f"  input conversion: {item['input_conversion']}")
         if item["unavailable"]:
             typer.echo(f"  unavailable: {item['unavailable']}")
         if not item["config_space"]:
@@ -281,6 +287,41 @@ def validate(path: Path = typer.Argument(..., help="A tuned table (.json) or a s
 
 
 @app.command()
+def export(
+    table: Path = typer.Argument(..., help="A tuned table (.json): a run's table.json or an "
+                                           "installed one."),
+    format: str = typer.Option(..., "--format",
+                               help="easydel (EasyDeL's operation_configs: ejkernel config "
+                                    "objects) or jax-rpa (JAX's TPU ragged paged attention "
+                                    "tuned_block_sizes)."),
+    out: Optional[Path] = typer.Option(None, help="Write here (easydel: a .py file builds the "
+                                                  "objects, else JSON); default: print."),
+) -> None:
+    """Write a tuned table's peer entries in the format of the stack that calls the peer."""
+    from attnbench.kernels.peers import EXPORT_FORMATS
+    from attnbench.kernels.table import TableError, read_table
+    from attnbench.tuner.results.export import ExportError, export_text
+
+    if format not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"choose from {list(EXPORT_FORMATS)}, got {format!r}",
+                                 param_hint="--format")
+    if not table.exists():
+        typer.echo(f"{table}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        text = export_text(read_table(table), format,
+                           python=out is not None and out.suffix == ".py")
+    except (TableError, ExportError) as error:  # each names the file itself
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def demo(
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     dtype: str = typer.Option("bfloat16", help="Input dtype."),
@@ -338,10 +379,15 @@ def bench(
                                            "profiler on GPU/TPU, wall on CPU."),
     cache: str = typer.Option("auto", help="cold (flush the device cache before each call), "
                                            "warm, or auto: cold on GPU."),
+    peers: bool = typer.Option(False, "--peers",
+                               help="Also the peer variants (JAX's and ejkernel's kernels), "
+                                    "then a side-by-side table: each variant's default and "
+                                    "best config, time, fraction of the floor, error."),
 ) -> None:
     """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
     from attnbench.tuner.measure import roofline
-    from attnbench.tuner.measure.bench import BENCH_PROBLEMS, bench_problem, run_bench
+    from attnbench.tuner.measure.bench import (BENCH_PROBLEMS, bench_problem, run_bench,
+                                               side_by_side_markdown)
     from attnbench.tuner.plan.sweep_file import SweepFileError
 
     from attnbench.tuner.measure.timing import CACHE_MODES, TIMERS
@@ -368,10 +414,17 @@ def bench(
     typer.echo(f"problem: {spec}")
     typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
     best = auto = None
+    rows = []
     for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
-                         timer=timer, cache=cache):
+                         timer=timer, cache=cache, peers=peers):
+        rows.append(row)
         if row.timing is None:
             typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: {row.status}")
+            continue
+        if row.status != "ok":  # a wrong peer, timed for the comparison
+            typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median "
+                       f"{row.timing.median_us:9.0f} us, {row.fraction_of_floor:5.2f}x floor, "
+                       f"{row.status}")
             continue
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
@@ -387,6 +440,11 @@ def bench(
             auto = row
         if best is None or row.timing.median_us < best.timing.median_us:
             best = row
+    if peers:
+        typer.echo("")
+        for line in side_by_side_markdown(rows):
+            typer.echo(line)
+        typer.echo("")
     if best is None:
         typer.echo("no variant ran correctly")
         raise typer.Exit(1)

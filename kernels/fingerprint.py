@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 # Modules that describe variants rather than generate code (see the module docstring).
-_DESCRIPTIVE = frozenset({"variant", "tunables", "inputs", "registry", "operator", "platform"})
+_DESCRIPTIVE = frozenset({"variant", "tunables", "inputs", "registry", "operator", "platform",
+                          "peers"})
 _TOOLCHAIN = ("attnbench", "jax", "jaxlib", "triton", "jax-triton", "libtpu")
 
 
@@ -82,6 +83,9 @@ def variant_fingerprint(variant: Any) -> str:
         # Names inside the package, so where a checkout lives does not matter.
         digest.update(_relative_name(path).encode() + b"\0")
         digest.update(_file_digest(path, stat.st_size, stat.st_mtime_ns).encode() + b"\0")
+    peer = getattr(variant, "peer", None)
+    if peer is not None:  # a peer's kernel is its project's code: its version counts
+        digest.update(f"{peer.distribution}=={peer.version()} {peer.entry_point}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -68,3 +68,17 @@ def compile_with_device_events(lowered: Any, platform: str) -> Any:
             if "xla_cpu_enable_xprof_traceme" not in str(error):
                 raise
     return lowered.compile()
+
+
+def forced_tpu_interpret_mode(params: Any):
+    """A context in which every Pallas TPU call traced runs in TPU interpret mode with
+    `params` (``pltpu.force_tpu_interpret_mode``): how a kernel whose entry point takes no
+    ``interpret=`` argument is run on a CPU."""
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415 -- optional import
+
+    force = getattr(pltpu, "force_tpu_interpret_mode", None)
+    if force is None:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # noqa: PLC0415
+
+        force = interpret_pallas_call.force_tpu_interpret_mode
+    return force(params)

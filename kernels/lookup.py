@@ -153,11 +153,15 @@ def _candidates(table: Table, key: dict[str, Any], variant_name: str | None):
     return [(index, entry) for _, _, index, entry in ranked]
 
 
-def _usable(shape, key, entry: Entry, table: Table, where: str, platform, interpret,
-            chain: list[str], warn: bool) -> tuple[Variant, KernelConfig] | None:
+def _usable(shape, key, entry: Entry, table: Table, where: str, variant_name, platform,
+            interpret, chain: list[str], warn: bool) -> tuple[Variant, KernelConfig] | None:
     """The entry's variant and its config fitted to `shape`, or None (the reason in `chain`)."""
     # Reading the table already refused unknown variants and bad tunables.
     variant = registry.get_variant(shape.op, entry.variant)
+    if variant.peer is not None and variant_name is None:
+        chain.append(f"passed over {where} ({entry.variant}): a peer's entry serves only "
+                     "calls that name the peer")
+        return None
     reason = variant.unsupported_reason(shape, platform, interpret)
     if reason:  # e.g. a GPU entry on a CPU: expected, not worth a warning
         chain.append(f"passed over {where} ({entry.variant}): {reason}")
@@ -184,8 +188,8 @@ def _from_tables(shape, key, variant_name, platform, interpret,
             for index, entry in _candidates(table, key, variant_name):
                 found_any = True
                 where = f"{table.path} entries[{table.file_index(index)}]"
-                usable = _usable(shape, key, entry, table, where, platform, interpret, chain,
-                                 warn=True)
+                usable = _usable(shape, key, entry, table, where, variant_name, platform,
+                                 interpret, chain, warn=True)
                 if usable is not None:
                     source = f"{label}: {where}"
                     chain.append(f"exact: {source}")
@@ -220,8 +224,8 @@ def _from_nearest(shape, key, variant_name, platform, interpret,
                      "page size and features")
     for _, _, _, index, label, table, entry in ranked:
         where = f"{table.path} entries[{table.file_index(index)}]"
-        usable = _usable(shape, key, entry, table, where, platform, interpret, chain,
-                         warn=False)
+        usable = _usable(shape, key, entry, table, where, variant_name, platform,
+                         interpret, chain, warn=False)
         if usable is not None:
             source = (f"{label}: {where} (nearest entry: tuned for "
                       f"{_heads_text(entry.key)}, {_sizes_text(entry.key)}; this call "

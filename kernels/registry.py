@@ -13,6 +13,8 @@ from __future__ import annotations
 from .decode import cpu_native as decode_cpu_native
 from .decode import operator as decode_operator
 from .decode import pallas_tpu as decode_pallas_tpu
+from .decode import peer_ejkernel as decode_peer_ejkernel
+from .decode import peer_jax_gpu as decode_peer_jax_gpu
 from .decode import reference as decode_reference
 from .decode import triton_splitkv as decode_triton_splitkv
 from .decode import xla_blocked as decode_xla_blocked
@@ -21,6 +23,9 @@ from .operator import Operator
 from .paged import cpu_native as paged_cpu_native
 from .paged import operator as paged_operator
 from .paged import pallas_tpu as paged_pallas_tpu
+from .paged import peer_ejkernel as paged_peer_ejkernel
+from .paged import peer_jax_gpu as paged_peer_jax_gpu
+from .paged import peer_jax_tpu as paged_peer_jax_tpu
 from .paged import reference as paged_reference
 from .paged import triton_paged as paged_triton
 from .paged import xla_blocked as paged_xla_blocked
@@ -51,6 +56,12 @@ VARIANTS: tuple[Variant, ...] = (
     paged_v3_xla.VARIANT,
     decode_cpu_native.VARIANT,
     paged_cpu_native.VARIANT,
+    # Peers: other projects' kernels, gated and timed like ours (kernels/peers.py).
+    decode_peer_jax_gpu.VARIANT,
+    paged_peer_jax_gpu.VARIANT,
+    paged_peer_jax_tpu.VARIANT,
+    *decode_peer_ejkernel.VARIANTS,  # XLA, Triton, Pallas TPU
+    *paged_peer_ejkernel.VARIANTS,
 )
 
 # The variant an operator uses when no tuned table entry matches, per (op, platform).
@@ -68,6 +79,9 @@ DEFAULT_VARIANT: dict[tuple[str, str], str] = {
 
 OPERATOR_NAMES = tuple(operator.name for operator in OPERATORS)
 assert all(v.op in OPERATOR_NAMES for v in VARIANTS), "a variant names an unknown operator"
+# A peer is measured beside ours, never what an untuned call runs.
+assert not any(v.peer for v in VARIANTS
+               if (v.op, v.name) in {(op, name) for (op, _), name in DEFAULT_VARIANT.items()})
 
 
 def get_operator(name: str) -> Operator:
@@ -90,6 +104,11 @@ def get_variant(op: str, name: str) -> Variant:
             return candidate
     known = [v.name for v in variants(op)]
     raise ValueError(f"variant: unknown {op} variant {name!r}; known: {known}")
+
+
+def peers(op: str | None = None) -> tuple[Variant, ...]:
+    """The registered peer variants (other projects' kernels), or those of one operator."""
+    return tuple(v for v in variants(op) if v.peer is not None)
 
 
 def default_variant(op: str, platform: str) -> Variant:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from .inputs import FEATURES, SUPPORTED_DTYPES
+from .peers import PeerOrigin
 from .tunables import KernelConfig
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -44,10 +45,22 @@ class Variant:
     # For variants that need something only the running machine can tell (a library built on
     # first use): returns why the variant cannot run here, or None when it can.
     available: Callable[[], str | None] | None = None
+    # A kernel another project ships, wrapped to the operator's contract (kernels/peers.py).
+    peer: PeerOrigin | None = None
+    # For a kernel whose argument layout differs from the operator's: `convert_inputs(args)`
+    # builds the arrays it reads instead (a tuple), `run_converted(args, converted, config,
+    # interpret=...)` runs it on them. Benchmarks convert once per input set, untimed, and
+    # time `run_converted` alone, as a user who keeps the cache in that layout would run it;
+    # `kernel` then does both.
+    convert_inputs: Callable[[Any], tuple] | None = None
+    run_converted: Callable[..., jax.Array] | None = None
+    conversion: str = ""  # what the conversion does, in words, for reports
 
     def __post_init__(self) -> None:
         assert set(self.platforms) <= set(PLATFORMS), self.platforms
         assert set(self.features) <= set(FEATURES), self.features
+        assert (self.convert_inputs is None) == (self.run_converted is None) == (
+            not self.conversion), f"{self.name}: conversion hooks and text go together"
 
     def unsupported_reason(self, shape: Any, platform: str, interpret: bool) -> str | None:
         """Why this variant cannot run `shape` here, or None if it can."""
@@ -66,7 +79,12 @@ class Variant:
         return self.unavailable_reason()
 
     def unavailable_reason(self) -> str | None:
-        """Why this machine cannot run the variant at all (its `available` hook), or None."""
+        """Why this machine cannot run the variant at all (its `available` hook, or the
+        peer's project missing), or None."""
+        if self.peer is not None:
+            missing = self.peer.missing_reason()
+            if missing:
+                return missing
         return None if self.available is None else self.available()
 
     def default_config(self, shape: Any) -> KernelConfig:
@@ -85,4 +103,6 @@ class Variant:
             "config_space": self.config_class.space(),
             "description": self.description,
             "unavailable": self.unavailable_reason(),
+            "peer": None if self.peer is None else self.peer.describe(),
+            "input_conversion": self.conversion or None,
         }

@@ -105,8 +105,8 @@ def test_correct_variants_pass_on_the_probed_inputs(dtype):
         reference = reference_output(problem, args, kwargs)
         shape = problem.shape(index)
         for variant in variants(problem.op):
-            if "cpu" not in variant.platforms or variant.name == "reference":
-                continue
+            if "cpu" not in variant.platforms or variant.name == "reference" or variant.peer:
+                continue  # peers have their own verdicts (tests/test_peers.py)
             config = variant.default_config(shape).to_dict()
             call = jax.jit(lambda *a, v=variant.name, c=config: operator.function(
                 *a, variant=v, config=c, **kwargs))

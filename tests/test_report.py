@@ -424,3 +424,38 @@ def test_report_and_compare_on_a_real_run(real_run, tmp_path):
     result = _compare(real_run, slower)
     assert result.exit_code == 1, result.output
     assert "x10.000" in result.output
+
+
+def test_report_has_a_vs_peers_table_and_plot_per_problem(tmp_path):
+    records = synthetic_records(sizes=DECODE_SIZES[:1])
+    batch, max_len = DECODE_SIZES[0]
+    peer = {"peer": "ejkernel 0.0.80.3"}
+    records += [
+        {**_decode_record(batch, max_len, "ejkernel_ragged_decode_xla", {"kv_blocksize": 256},
+                          median=900.0, is_default=True), **peer},
+        {**_decode_record(batch, max_len, "ejkernel_ragged_decode_xla", {"kv_blocksize": 512},
+                          median=700.0), **peer},
+        {**_decode_record(batch, max_len, "ejkernel_ragged_decode_xla", {"kv_blocksize": 64},
+                          status="wrong", reason="row error 0.09 > bound 0.0126 at row 1 head 3",
+                          rel_error=0.09), **peer},
+    ]
+    run = write_run(tmp_path / "run-peers", records)
+    table = json.loads((run / run_files.TABLE_FILE).read_text())
+    peer_entries = [e for e in table["entries"] if "peer" in e["source"]]
+    assert [(e["variant"], e["config"]) for e in peer_entries] == [
+        ("ejkernel_ragged_decode_xla", {"kv_blocksize": 512})]
+    out = tmp_path / "report"
+    result = cli.invoke(app, ["report", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _check_png(out / "peers.png")
+    summary = (out / "summary.md").read_text()
+    section = summary.split("## vs peers", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| ours: winner | attnbench | xla_blocked |")
+    assert any(r.startswith("| peer: default | ejkernel 0.0.80.3 | ejkernel_ragged_decode_xla "
+                            "| kv_blocksize=256 | ok | 900.0 |") for r in rows)
+    assert any(r.startswith("| peer: best | ejkernel 0.0.80.3 | ejkernel_ragged_decode_xla "
+                            "| kv_blocksize=512 | ok | 700.0 |") for r in rows)
+    # The peer never becomes the key's winner, however the table lists its best.
+    assert "## decode" in summary and "| ejkernel_ragged_decode_xla |" not in \
+        summary.split("## decode", 1)[1].split("\n## ", 1)[0]

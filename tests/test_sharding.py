@@ -31,7 +31,8 @@ def test_every_variant_per_shard_on_2_and_4_devices():
                                                      result.stdout, re.MULTILINE)}
     assert modes == {"tp=2 mesh keyword", "dp=2 shard_map", "gspmd tp=2",
                      "dp=2 x tp=2 shard_map", "gspmd dp=2 x tp=2"}, report
-    for variant in kernels.VARIANTS:
+    # Peers are checked as their projects ship them (tests/test_peers.py), not per shard.
+    for variant in (v for v in kernels.VARIANTS if v.peer is None):
         for mode in modes:
             assert f"ok   {variant.op}/{variant.name} [{mode}]" in result.stdout, (
                 f"{variant.op}/{variant.name} [{mode}] not passed\n{report}")

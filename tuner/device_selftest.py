@@ -58,7 +58,9 @@ def _run_checks(seed: int) -> dict[str, Any]:
         prepared = _Problem(item.problem, seed, RELATIVE_ERROR_BOUND[item.problem.dtype], None)
         shape = item.problem.shape(seed)
         for variant in registry.variants(item.problem.op):
-            if variant.name == "reference" or platform not in variant.platforms:
+            # Our variants: a peer's verdict is a finding about it, not about this host.
+            if (variant.name == "reference" or platform not in variant.platforms
+                    or variant.peer is not None):
                 continue
             config = variant.default_config(shape).to_dict()
             record = prepared.measure(Task(VariantRef.of(variant), config, 1, 3, 1.0))
@@ -135,6 +137,16 @@ def short_sweep_file(source: Path, out: Path) -> Path:
     return out
 
 
+def _our_winners(table_path) -> int:
+    """Entries of our variants in a run's table (peers' best configs are entries too)."""
+    from .results import records
+
+    if not table_path.exists():
+        return 0
+    return sum("peer" not in entry.get("source", {})
+               for entry in records.read_json(table_path)["entries"])
+
+
 def run_device_selftest(out_dir: Path, *, sweep_path: Path | None = None, seed: int = 0,
                         echo: Echo = print) -> dict[str, Any]:
     """Runs the checks, the timer comparison and the short sweep; writes out_dir/selftest.json
@@ -189,8 +201,7 @@ def run_device_selftest(out_dir: Path, *, sweep_path: Path | None = None, seed: 
     report["sweep"] = {"file": str(sweep_path), "run_dir": str(run_dir),
                        "seconds": round(time.perf_counter() - sweep_began, 1),
                        "statuses": statuses, "timers": timers_used,
-                       "winners": len(records.read_json(run_dir / records.TABLE_FILE)["entries"])
-                       if (run_dir / records.TABLE_FILE).exists() else 0}
+                       "winners": _our_winners(run_dir / records.TABLE_FILE)}
     bad_variants = [r for r in checks["variants"] if r["status"] != "ok"]
     # A config that cannot compile here is a result; a wrong or crashing one is a failure.
     failed = {s: n for s, n in statuses.items() if s in ("wrong", "crashed", "timeout", "error")}

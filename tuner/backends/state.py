@@ -39,6 +39,9 @@ def base_record(run: dict[str, Any], item: ProblemPlan, candidate: space.Candida
         # The code measured, so a table entry can tell when its variant has changed since.
         "fingerprint": variant_fingerprint(candidate.variant),
     }
+    origin = candidate.variant.peer
+    if origin is not None:  # another project's kernel: which one, at which version
+        record["peer"] = f"{origin.project} {origin.version()}"
     record.update(p.record_fields(shape))
     # How many sequences the problem serves, whatever the op calls them (batch, num_seqs):
     # reports plot against it without knowing the op.

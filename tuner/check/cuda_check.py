@@ -55,10 +55,13 @@ TARGETS = {
 
 def gpu_kernel_variants(op: str | None = None) -> list:
     """The variants that compile GPU kernels of their own: those that run natively on GPUs
-    only (XLA variants, which run everywhere, leave code generation to XLA)."""
+    only (XLA variants, which run everywhere, leave code generation to XLA). Peers launch
+    through their projects' own paths (Pallas' Triton lowering, ejkernel's call), which this
+    check does not trace: their failures show in the sweep itself."""
     from attnbench.kernels import registry
 
-    return [v for v in registry.variants(op) if tuple(v.platforms) == ("gpu",)]
+    return [v for v in registry.variants(op)
+            if tuple(v.platforms) == ("gpu",) and v.peer is None]
 
 
 def parse_target(text: str) -> CudaTarget:

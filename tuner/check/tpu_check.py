@@ -53,10 +53,13 @@ def parse_target(text: str) -> TpuTarget:
 
 
 def tpu_kernel_variants(op: str | None = None) -> list:
-    """The variants that compile TPU kernels of their own (those that run natively only there)."""
+    """The variants that compile TPU kernels of their own (those that run natively only
+    there). Peers are left to the sweep: their defaults may ask the chip itself (JAX's and
+    ejkernel's tables of tuned block sizes), which a compile-only device cannot answer."""
     from attnbench.kernels import registry
 
-    return [v for v in registry.variants(op) if tuple(v.platforms) == ("tpu",)]
+    return [v for v in registry.variants(op)
+            if tuple(v.platforms) == ("tpu",) and v.peer is None]
 
 
 @functools.cache

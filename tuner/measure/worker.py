@@ -164,9 +164,11 @@ class _Problem:
         self.problem = problem
         self.operator = get_operator(problem.op)
         self.tolerance = tolerance
-        # Compiled calls by (variant, config): a config timed again in a later halving round
-        # is not compiled twice. Its record keeps the compile time of the first compile.
-        self.compiled: dict[str, tuple[Any, float]] = {}
+        # Compiled calls by (variant, config), with their input sets: a config timed again
+        # in a later halving round is not compiled twice. Its record keeps the compile time
+        # of the first compile.
+        self.compiled: dict[str, tuple[Any, float, list]] = {}
+        self.conversions: dict[str, str] = {}  # of converting variants: what they convert
         args, self.kwargs = problem.make_inputs(seed)
         self.bytes_moved = roofline.bytes_moved(problem.op, args, self.kwargs)
         self.floor_us = roofline.floor_us(self.bytes_moved, bandwidth) if bandwidth else None
@@ -183,7 +185,7 @@ class _Problem:
         self.input_sets = [tuple(a) + trailing
                            for a in rotated_input_sets(args, seed, 3 if rotate else 1)]
         self.donated, self.carry = donation(self.operator, self.positional)
-        reference = self.compile(self.operator.reference, None, output_dtype="float32")
+        reference, _ = self.compile(self.operator.reference, None, output_dtype="float32")
         output, extras = self.operator.split_result(
             jax.block_until_ready(reference(*copied(self.input_sets[0], self.donated))))
         self.reference = np.asarray(output)
@@ -194,25 +196,22 @@ class _Problem:
     def compile(self, variant, config, output_dtype: str | None = None,
                 device_events: bool = False):
         """The AOT-compiled kernel call on these inputs, cast as the operator casts it
-        (to the query dtype, or `output_dtype`); with profiler events where the platform
+        (to the query dtype, or `output_dtype`), and the input sets it is timed on (with a
+        converting variant's arrays appended); with profiler events where the platform
         emits them only on request (`device_events`)."""
         import jax
 
-        from attnbench.kernels.run import cast_output
-
-        from .input_sets import with_array_keywords_last
-
-        def run_kernel(*operator_args, **operator_kwargs):
-            # The operator's own checks, then the kernel directly (no table lookup).
-            prepared, _ = self.operator.prepare(*operator_args, **operator_kwargs)
-            result = variant.kernel(prepared, config, interpret=False)
-            return cast_output(self.operator, result, output_dtype or operator_args[0].dtype)
-
         from attnbench.kernels.jax_compat import compile_with_device_events
 
-        call, _ = with_array_keywords_last(run_kernel, self.positional, self.kwargs)
-        lowered = jax.jit(call, donate_argnums=self.donated).lower(*self.input_sets[0])
-        return compile_with_device_events(lowered, self.platform) if device_events else lowered.compile()
+        from .kernel_calls import KernelCall
+
+        call = KernelCall(self.operator, variant, config, self.positional, self.kwargs,
+                          output_dtype=output_dtype)
+        input_sets = call.timed_input_sets(self.input_sets)
+        lowered = jax.jit(call.run, donate_argnums=self.donated).lower(*input_sets[0])
+        compiled = (compile_with_device_events(lowered, self.platform) if device_events
+                    else lowered.compile())
+        return compiled, input_sets
 
     def policy(self, task: Task):
         from .timing import TimingPolicy
@@ -236,13 +235,17 @@ class _Problem:
                 config = variant.config_class.from_mapping(task.config)
                 began = time.perf_counter()
                 events = self.policy(task).timer == "profiler"
-                self.compiled[cache_key] = (self.compile(variant, config, device_events=events),
-                                            time.perf_counter() - began)
-            compiled, record["compile_s"] = self.compiled[cache_key]
+                compiled, input_sets = self.compile(variant, config, device_events=events)
+                self.compiled[cache_key] = (compiled, time.perf_counter() - began, input_sets)
+                if variant.conversion:
+                    self.conversions[cache_key] = variant.conversion
+            compiled, record["compile_s"], timed_sets = self.compiled[cache_key]
+            if cache_key in self.conversions:
+                record["input_conversion"] = self.conversions[cache_key]
         except Exception as error:  # noqa: BLE001 -- a failing config is a result
             return {**record, "status": "compile_error", "reason": _message(error)}
         try:
-            result = compiled(*copied(self.input_sets[0], self.donated))
+            result = compiled(*copied(timed_sets[0], self.donated))
             output, extras = self.operator.split_result(jax.block_until_ready(result))
             output = np.asarray(output)
         except Exception as error:  # noqa: BLE001
@@ -256,7 +259,7 @@ class _Problem:
         if wrong_extras:
             return {**record, "status": "wrong", "reason": "; ".join(wrong_extras)}
         try:
-            input_sets = [copied(inputs, self.donated) for inputs in self.input_sets]
+            input_sets = [copied(inputs, self.donated) for inputs in timed_sets]
             with _timing_turn(task.timing_lock):
                 began = time.time()
                 timing = time_call(compiled, input_sets, warmup=task.warmup,

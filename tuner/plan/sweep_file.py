@@ -21,6 +21,7 @@ run and which variants to try with which grids and constraints::
             grid: {kv_block_size: [128, 256, 512]}
             constraints: ["kv_block_size <= max_len"]
           "*": {samples: 4}         # every other registered variant: 4 random configs
+                                    # (peer variants only where the file names them)
 
 Every scalar problem axis may be a list; lists are crossed. Problem fields: ``model`` (a
 preset of presets.MODEL_PRESETS) or ``q_heads``/``kv_heads``/``head_dim``; ``sliding_window``,
@@ -318,7 +319,8 @@ def _variants_of(op: str, entries: dict[str, Any], where: str, problems: list[st
     if ALL_OTHER_VARIANTS in entries:
         at = f"{where}.{ALL_OTHER_VARIANTS}"
         for name, variant in registered.items():
-            if name in entries:
+            # Peers (other projects' kernels) take part only where a file names them.
+            if name in entries or variant.peer is not None:
                 continue
             # A constraint naming one variant's tunable cannot apply to all; only sizes here.
             plan = _variant_plan(op, variant, entries[ALL_OTHER_VARIANTS], at, problems,

@@ -2,7 +2,8 @@
 
     RUN_DIR --(load)--> measurements (a DataFrame) with derived figures, winners per key
             --(summary)--> per problem: winner, times, counts; worst failures
-            --(plots)--> times_*.png, heatmap_*.png, bandwidth.png, speedup.png
+            --(plots)--> times_*.png, heatmap_*.png, bandwidth.png, speedup.png,
+                         peers.png (runs that measured peers)
             --(sections, render)--> summary.md, index.html (plots embedded: readable offline)
 
 `attnbench compare` lives beside it, in `compare`: it reads run folders the same way.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..results import records as run_files
 from .load import ReportError, Run, load_run
-from .plots import plot_bandwidth, plot_heatmaps, plot_sorted_times, plot_speedup
+from .plots import plot_bandwidth, plot_heatmaps, plot_peers, plot_sorted_times, plot_speedup
 from .render import Section, render_html, render_markdown
 from .sections import build_sections
 from .summary import status_counts_text, summarize_problems
@@ -63,6 +64,9 @@ def write_report(run_dir: Path, out: Path | None = None, echo: Echo = print) -> 
                              f"winner with the figures it needs")
             else:
                 images.append(path)
+        peers = plot_peers(run, summaries, out)
+        if peers is not None:  # only runs that measured peers have one
+            images.append(peers)
     sections = build_sections(run, summaries)
     if notes:
         sections.insert(1, Section("Notes", bullets=notes))

@@ -64,7 +64,9 @@ class Run:
 
     @functools.cached_property
     def _winners_by_key(self) -> dict[str, Entry]:
-        return {canonical(entry.key): entry for entry in self.winners}
+        # Peers' best configs are entries too, but never a key's winner.
+        return {canonical(entry.key): entry for entry in self.winners
+                if "peer" not in entry.source}
 
 
 def measurements_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

@@ -19,7 +19,8 @@ import pandas as pd
 from ..canonical_json import canonical
 from .load import Run, records_of
 from .render import shortened
-from .summary import ProblemSummary, achieved_gigabytes_per_s, run_date, versions_text
+from .summary import (ProblemSummary, achieved_gigabytes_per_s, peer_rows, run_date,
+                      versions_text)
 
 PROBLEMS_PER_FIGURE = 9
 MAX_HEATMAPS = 40
@@ -318,3 +319,35 @@ def plot_speedup(run: Run, summaries: list[ProblemSummary], out: Path) -> Path |
     _title(figure, "speedup of the tuned config over the untuned default\n"
                    f"{plot_subtitle(run, [s.winner.get('dtype') for s in summaries if s.winner])}")
     return _save(figure, out / "speedup.png")
+
+
+def plot_peers(run: Run, summaries: list[ProblemSummary], out: Path) -> Path | None:
+    """Per problem with peers measured: median time of our winner and untuned default beside
+    each peer's default and best config (bars), peers that did not run correctly listed
+    with their status."""
+    compared = [(s, peer_rows(s)) for s in summaries]
+    compared = [(s, rows) for s, rows in compared if rows]
+    if not compared:
+        return None
+    height = sum(1.2 + 0.32 * len(rows) for _, rows in compared)
+    figure, axes = _figure(len(compared), 1, 12.0, 1.2 + height)
+    for axis, (summary, rows) in zip(axes[:, 0], compared):
+        places = list(range(len(rows)))[::-1]
+        times = [row["median_us"] or 0.0 for row in rows]
+        colors = ["tab:blue" if row["from"] == "attnbench" else "tab:orange" for row in rows]
+        axis.barh(places, times, color=colors)
+        labels = []
+        for place, row, time in zip(places, rows, times):
+            labels.append(shortened(f"{row['who']}: {row['variant']} ({row['from']})", 70))
+            if not time:
+                axis.text(0.01, place, row["status"], transform=axis.get_yaxis_transform(),
+                          va="center", fontsize=7)
+        axis.set_yticks(places, labels, fontsize=7)
+        if any(times):
+            axis.set_xscale("log")
+        axis.set_xlabel("median time (µs); blue: attnbench, orange: peers")
+        axis.set_title(shortened(summary.label, 90), fontsize=9)
+        axis.grid(True, axis="x", alpha=0.3)
+    _title(figure, "vs peers: ours and other projects' kernels on each problem\n"
+                   f"{plot_subtitle(run, [s.key.get('dtype') for s, _ in compared])}")
+    return _save(figure, out / "peers.png")

@@ -15,6 +15,7 @@ from typing import Any
 class Table:
     columns: list[str]
     rows: list[list[str]]
+    caption: str = ""  # a heading of its own, for a section with one table per problem
 
 
 @dataclasses.dataclass
@@ -54,6 +55,8 @@ def render_markdown(sections: list[Section], images: list[Path]) -> str:
         for paragraph in section.paragraphs:
             lines += [paragraph, ""]
         for table in section.tables:
+            if table.caption:
+                lines += [f"**{_markdown_cell(table.caption)}**", ""]
             lines.append("| " + " | ".join(table.columns) + " |")
             lines.append("|" + "|".join("---" for _ in table.columns) + "|")
             for row in table.rows:
@@ -94,7 +97,8 @@ def render_html(sections: list[Section], images: list[Path], title: str) -> str:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         body += [f"<p>{_inline_code(p)}</p>" for p in section.paragraphs]
         for table in section.tables:
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>"
+            caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
+            body.append(f"<table>{caption}<tr>" + "".join(f"<th>{html.escape(c)}</th>"
                                                 for c in table.columns) + "</tr>")
             body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                      for row in table.rows]

@@ -7,7 +7,8 @@ from attnbench.kernels.table import key_text
 
 from .load import Run, records_of
 from .render import Section, Table, config_text, number_text, shortened
-from .summary import ProblemSummary, status_counts_text, versions_text, worst_failures
+from .summary import (ProblemSummary, peer_rows, status_counts_text, versions_text,
+                      worst_failures)
 
 _PROBLEM_COLUMNS = ["problem", "winner", "config", "median µs (p20–p80)", "× floor", "GB/s",
                     "vs default", "vs reference", "tried", "skipped", "wrong",
@@ -92,8 +93,41 @@ def failures_section(run: Run) -> Section:
     return section
 
 
+def _error_text(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.1e}"
+
+
+_PEER_COLUMNS = ["", "from", "variant", "config", "status", "median µs", "× floor",
+                 "rel err", "reason"]
+
+
+def peers_section(summaries: list[ProblemSummary]) -> Section | None:
+    """Per problem with peers measured: ours beside each peer's default and best config."""
+    tables, notes = [], set()
+    for summary in summaries:
+        rows = peer_rows(summary)
+        if not rows:
+            continue
+        tables.append(Table(_PEER_COLUMNS, [
+            [row["who"], row["from"], row["variant"], config_text(row["config"]), row["status"],
+             number_text(row["median_us"], 1), number_text(row["fraction_of_floor"], 2),
+             _error_text(row["relative_error"]), shortened(row["reason"], 100)]
+            for row in rows], caption=summary.label))
+        notes |= {f"{row['variant']}: input converted once per input set, not timed: "
+                  f"{row['input_conversion']}" for row in rows if row["input_conversion"]}
+    if not tables:
+        return None
+    return Section("vs peers", paragraphs=[
+        "Per problem: our winner and untuned default beside each peer (another project's "
+        "kernel, at the version shown) with its default and its fastest correct config, "
+        "judged by the same gate against the same reference."], tables=tables,
+        bullets=sorted(notes))
+
+
 def build_sections(run: Run, summaries: list[ProblemSummary]) -> list[Section]:
     """The summary as sections of text and tables, rendered to Markdown and HTML alike."""
+    peers = peers_section(summaries)
     return ([run_section(run)]
             + [operator_section(op, summaries) for op in sorted({s.op for s in summaries})]
+            + ([peers] if peers else [])
             + [failures_section(run)])

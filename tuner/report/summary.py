@@ -140,3 +140,43 @@ def versions_text(run: Run) -> str:
     if run.platform == "tpu":
         names += ["libtpu"]
     return ", ".join(f"{n} {versions[n]}" for n in names if n in versions) or "versions unknown"
+
+
+def _peer_row(who: str, origin: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"who": who, "from": origin, "variant": record["variant"],
+            "config": record["config"], "status": record["status"],
+            "median_us": record.get("median_us") if record["status"] == "ok" else None,
+            "fraction_of_floor": record.get("fraction_of_floor"),
+            "relative_error": record.get("relative_error"),
+            "reason": record.get("reason") or "",
+            "input_conversion": record.get("input_conversion") or ""}
+
+
+def peer_rows(summary: ProblemSummary) -> list[dict[str, Any]]:
+    """A problem's "vs peers" comparison: our winner and untuned default, then each peer's
+    default and fastest correct config (or, when none ran correctly, why). Empty when no
+    peer was measured on the problem."""
+    configs = summary.configs
+    if "peer" not in configs or not configs["peer"].notna().any():
+        return []
+    rows = [_peer_row("ours: winner", "attnbench", summary.winner),
+            _peer_row("ours: untuned default", "attnbench", summary.untuned)]
+    measured = configs[configs["peer"].notna() & (configs["status"] != "skipped")]
+    skipped = configs[configs["peer"].notna() & (configs["status"] == "skipped")]
+    for variant in sorted(set(configs.loc[configs["peer"].notna(), "variant"])):
+        mine = measured[measured["variant"] == variant]
+        if mine.empty:  # every config skipped: the first reason says why
+            first = skipped[skipped["variant"] == variant]
+            rows.append(_peer_row("peer: not run", str(first["peer"].iloc[0]),
+                                  _first_record(first)))
+            continue
+        origin = str(mine["peer"].iloc[0])
+        default = mine[mine["is_default"].astype(bool)]
+        rows.append(_peer_row("peer: default", origin,
+                              _first_record(default) or _first_record(mine)))
+        ok = mine[mine["status"] == "ok"].sort_values("median_us", kind="stable")
+        if len(ok):
+            rows.append(_peer_row("peer: best", origin, _first_record(ok)))
+    return [row for row in rows if row is not None]

@@ -41,7 +41,7 @@ _LEADING_COLUMNS = (
     "min_len", "q_heads", "kv_heads", "head_dim", "dtype", "features", "variant", "config",
     "is_default", "round", "repeats", "status", "reason", "max_abs_error", "relative_error",
     "compile_s", "median_us", "p20_us", "p80_us", "samples", "bytes_moved", "floor_us",
-    "timer", "cache", "timer_note", "wall_median_us",
+    "timer", "cache", "timer_note", "wall_median_us", "peer", "input_conversion",
 )
 _DERIVED_COLUMNS = ("fraction_of_floor", "speedup_vs_default", "speedup_vs_reference", "id")
 

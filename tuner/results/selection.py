@@ -59,9 +59,20 @@ def _within_noise(candidate: _Score, winner: _Score, noise: float) -> bool:
     return candidate.median_us <= winner.median_us * (1 + noise)
 
 
+def _peer_of(op: str, name: str):
+    """The PeerOrigin of a registered peer variant, else None (ours, or one only a test
+    registers)."""
+    try:
+        return registry.get_variant(op, name).peer
+    except ValueError:
+        return None
+
+
 def select_winners(records: list[dict[str, Any]], *, noise: float, platform: str,
                    provenance: dict[str, Any]) -> list[Entry]:
-    """One tuned-table entry per key measured in `records` (keys with no `ok` config: none)."""
+    """One tuned-table entry per key measured in `records` (keys with no `ok` config: none),
+    chosen among our variants; and per key, each peer's fastest config as its own entry
+    (lookup passes peers' entries over unless a call names the peer with `variant=`)."""
     final = _last_round_records(records)
     problems_of_key: dict[str, set[str]] = {}
     scores: dict[str, dict[str, _Score]] = {}
@@ -93,36 +104,54 @@ def select_winners(records: list[dict[str, Any]], *, noise: float, platform: str
     for key_text, by_config in scores.items():
         needed = len(problems_of_key[key_text])
         complete = [s for s in by_config.values() if s.problems == needed]
-        if not complete:
-            continue
-        fastest = min(complete, key=lambda s: s.median_us)
-        chosen, why = fastest, "fastest ok config"
         op = keys[key_text]["op"]
-        untuned = registry.DEFAULT_VARIANT.get((op, platform))
-        preferred = [s for s in complete if s.is_default and s.variant == untuned]
-        preferred += [s for s in complete if s.is_default and s.variant == fastest.variant]
-        for default in preferred:
-            if default is fastest:
-                break
-            if _within_noise(default, fastest, noise):
-                chosen = default
-                why = (f"default of {default.variant} is within noise of the fastest "
-                       f"({fastest.variant} {canonical(fastest.config)}: "
-                       f"{fastest.median_us / needed:.1f} us)")
-                break
-        per_problem = chosen.median_us / needed
-        source = {
-            **provenance,
-            "fingerprint": chosen.fingerprint(),
-            "problems": sorted(labels[key_text]),
-            "chosen": why,
-            "p20_us": chosen.p20_us / needed,
-            "p80_us": chosen.p80_us / needed,
-            "speedup_vs_default": chosen.default_us / chosen.median_us,
-            "speedup_vs_reference": chosen.reference_us / chosen.median_us,
-        }
-        source = {k: (None if isinstance(v, float) and v != v else v) for k, v in source.items()}
-        entries.append(Entry(op=op, variant=chosen.variant, key=keys[key_text],
-                             config=dict(chosen.config), time_us=per_problem, source=source))
+        ours = [s for s in complete if _peer_of(op, s.variant) is None]
+        if ours:
+            entries.append(_winner(ours, keys[key_text], needed, noise, platform, provenance,
+                                   sorted(labels[key_text])))
+        for name in sorted({s.variant for s in complete} - {s.variant for s in ours}):
+            fastest = min((s for s in complete if s.variant == name), key=lambda s: s.median_us)
+            origin = _peer_of(op, name)
+            entries.append(_entry(fastest, keys[key_text], needed, provenance,
+                                  sorted(labels[key_text]), f"fastest ok config of peer {name}",
+                                  peer=f"{origin.project} {origin.version()}"))
     entries.sort(key=lambda e: canonical(e.key))
     return entries
+
+
+def _winner(complete: list[_Score], key: dict[str, Any], needed: int, noise: float,
+            platform: str, provenance: dict[str, Any], problems: list[str]) -> Entry:
+    fastest = min(complete, key=lambda s: s.median_us)
+    chosen, why = fastest, "fastest ok config"
+    untuned = registry.DEFAULT_VARIANT.get((key["op"], platform))
+    preferred = [s for s in complete if s.is_default and s.variant == untuned]
+    preferred += [s for s in complete if s.is_default and s.variant == fastest.variant]
+    for default in preferred:
+        if default is fastest:
+            break
+        if _within_noise(default, fastest, noise):
+            chosen = default
+            why = (f"default of {default.variant} is within noise of the fastest "
+                   f"({fastest.variant} {canonical(fastest.config)}: "
+                   f"{fastest.median_us / needed:.1f} us)")
+            break
+    return _entry(chosen, key, needed, provenance, problems, why)
+
+
+def _entry(chosen: _Score, key: dict[str, Any], needed: int, provenance: dict[str, Any],
+           problems: list[str], why: str, peer: str | None = None) -> Entry:
+    source = {
+        **provenance,
+        "fingerprint": chosen.fingerprint(),
+        "problems": problems,
+        "chosen": why,
+        "p20_us": chosen.p20_us / needed,
+        "p80_us": chosen.p80_us / needed,
+        "speedup_vs_default": chosen.default_us / chosen.median_us,
+        "speedup_vs_reference": chosen.reference_us / chosen.median_us,
+    }
+    if peer is not None:
+        source["peer"] = peer
+    source = {k: (None if isinstance(v, float) and v != v else v) for k, v in source.items()}
+    return Entry(op=key["op"], variant=chosen.variant, key=key, config=dict(chosen.config),
+                 time_us=chosen.median_us / needed, source=source)
