@@ -92,3 +92,21 @@ def _module_exists(module: str) -> bool:
         if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
             return True
     return False
+
+
+# ejkernel's platform packages and the backend each serves, in the order the peer modules
+# register them: XLA (anywhere), Triton (GPUs), Pallas (TPUs).
+_EJKERNEL_PLATFORMS = (("_xla", "xla", "any"), ("_triton", "triton", "gpu"),
+                       ("_pallas.tpu", "pallas", "tpu"))
+
+
+def ejkernel_origins(algorithm: str, export_entry: Callable[[str, str], Callable]
+                     ) -> tuple[PeerOrigin, ...]:
+    """The origins of ejkernel's `algorithm` on its XLA, Triton and Pallas TPU platforms;
+    `export_entry(platform, backend)` gives each one's EasyDeL entry writer."""
+    return tuple(PeerOrigin(project="ejkernel", distribution="ejkernel",
+                            module=f"ejkernel.kernels.{package}.{algorithm}",
+                            function=algorithm, extra="peers", export_format="easydel",
+                            export_entry=export_entry(platform, backend))
+                 for package, platform, backend in _EJKERNEL_PLATFORMS)
+

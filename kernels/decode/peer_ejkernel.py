@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .inputs import DecodeArgs, DecodeShape
-from ..peers import PeerOrigin
+from ..peers import PeerOrigin, ejkernel_origins
 from ..tunables import KernelConfig, POWER_OF_TWO, floor_power_of_two, one_of, tunable
 from ..variant import Variant
 
@@ -40,16 +40,7 @@ def _easydel_entry(platform: str, backend: str):
     return entry
 
 
-def _origin(platform_package: str, platform: str, backend: str) -> PeerOrigin:
-    return PeerOrigin(project="ejkernel", distribution="ejkernel",
-                      module=f"ejkernel.kernels.{platform_package}.{ALGORITHM}",
-                      function=ALGORITHM, extra="peers", export_format="easydel",
-                      export_entry=_easydel_entry(platform, backend))
-
-
-XLA_ORIGIN = _origin("_xla", "xla", "any")
-TRITON_ORIGIN = _origin("_triton", "triton", "gpu")
-PALLAS_TPU_ORIGIN = _origin("_pallas.tpu", "pallas", "tpu")
+XLA_ORIGIN, TRITON_ORIGIN, PALLAS_TPU_ORIGIN = ejkernel_origins(ALGORITHM, _easydel_entry)
 
 
 @dataclasses.dataclass(frozen=True)
