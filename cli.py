@@ -71,8 +71,8 @@ def list_variants(
     if format != "text":
         raise typer.BadParameter("must be text or json", param_hint="--format")
     for item in described:
-        default_on = [p for (o, p), name in registry.DEFAULT_VARIANT.items()
-                      if o == item["op"] and name == item["name"]]
+        default_on = [p for (o, p), names in registry.DEFAULT_VARIANT.items()
+                      if o == item["op"] and item["name"] in names]
         typer.echo(f"{item['op']}/{item['name']}: {item['description']}")
         typer.echo(f"  platforms: {', '.join(item['platforms'])}"
                    f"{'  (+ CPU interpreter)' if item['interpretable'] else ''}"

@@ -333,7 +333,7 @@ def _choose(shape, variant_name, frozen_config, interpret, device_kind, platform
         fallback = _require_support(registry.get_variant(shape.op, variant_name), shape,
                                     platform, interpret)
     else:
-        fallback = registry.default_variant(shape.op, platform)
+        fallback = registry.default_variant(shape.op, platform, shape, interpret)
     if frozen_config is not None:
         chosen = _require_support(fallback, shape, platform, interpret)
         return Choice(chosen, _config_from(chosen, dict(frozen_config), shape), key,

@@ -64,24 +64,28 @@ VARIANTS: tuple[Variant, ...] = (
     *paged_peer_ejkernel.VARIANTS,
 )
 
-# The variant an operator uses when no tuned table entry matches, per (op, platform).
-DEFAULT_VARIANT: dict[tuple[str, str], str] = {
-    ("decode", "cpu"): "xla_blocked",
-    ("decode", "gpu"): "triton_splitkv",
-    ("decode", "tpu"): "pallas_tpu",
-    ("paged", "cpu"): "xla_decode",
-    ("paged", "gpu"): "triton",
-    ("paged", "tpu"): "pallas_tpu",
-    ("paged_v3", "cpu"): "xla",
-    ("paged_v3", "gpu"): "xla",
-    ("paged_v3", "tpu"): "xla",
+# The variants an operator uses when no tuned table entry matches, per (op, platform), in
+# order of preference: the first that can run the call is the untuned choice. On a CPU the
+# native kernels are several times faster than XLA's, but they exist only where the machine's
+# compiler built them; the XLA variants run everywhere.
+DEFAULT_VARIANT: dict[tuple[str, str], tuple[str, ...]] = {
+    ("decode", "cpu"): ("cpu_native", "xla_blocked"),
+    ("decode", "gpu"): ("triton_splitkv",),
+    ("decode", "tpu"): ("pallas_tpu",),
+    ("paged", "cpu"): ("cpu_native", "xla_decode"),
+    ("paged", "gpu"): ("triton",),
+    ("paged", "tpu"): ("pallas_tpu",),
+    ("paged_v3", "cpu"): ("xla",),
+    ("paged_v3", "gpu"): ("xla",),
+    ("paged_v3", "tpu"): ("xla",),
 }
 
 OPERATOR_NAMES = tuple(operator.name for operator in OPERATORS)
 assert all(v.op in OPERATOR_NAMES for v in VARIANTS), "a variant names an unknown operator"
 # A peer is measured beside ours, never what an untuned call runs.
 assert not any(v.peer for v in VARIANTS
-               if (v.op, v.name) in {(op, name) for (op, _), name in DEFAULT_VARIANT.items()})
+               if (v.op, v.name) in {(op, name) for (op, _), names in DEFAULT_VARIANT.items()
+                                     for name in names})
 
 
 def get_operator(name: str) -> Operator:
@@ -111,5 +115,24 @@ def peers(op: str | None = None) -> tuple[Variant, ...]:
     return tuple(v for v in variants(op) if v.peer is not None)
 
 
-def default_variant(op: str, platform: str) -> Variant:
-    return get_variant(op, DEFAULT_VARIANT[(op, platform)])
+def default_variant(op: str, platform: str, shape=None, interpret: bool = False) -> Variant:
+    """The untuned choice of `op` on `platform`: the first of its ``DEFAULT_VARIANT`` that can
+    run here (and run `shape`, when given); the last one when none can, so that the error a
+    call then raises is about the variant that runs everywhere."""
+    names = DEFAULT_VARIANT[(op, platform)]
+    for name in names[:-1]:
+        variant = get_variant(op, name)
+        if shape is None:
+            reason = variant.unavailable_reason()
+        else:
+            reason = variant.unsupported_reason(shape, platform, interpret)
+        if reason is None:
+            return variant
+    return get_variant(op, names[-1])
+
+
+def default_variant_name(op: str, platform: str) -> str | None:
+    """The name of :func:`default_variant`, or None for a platform the operator has none on."""
+    if (op, platform) not in DEFAULT_VARIANT:
+        return None
+    return default_variant(op, platform).name

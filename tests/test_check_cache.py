@@ -51,9 +51,8 @@ def test_paged_batches_of_other_sizes_launch_the_same_kernels():
     base = paged(4, 1024, 0.0)
     config = variant.default_config(base.shape(0)).replace(kv_splits=2)
     keys = {tuple(k.key for k in cuda_check.trace_kernels(problem, variant.name, config, SM90))
-            for problem in (base, paged(8, 4096, 0.0), paged(8, 2048, 0.5))}
-    # Tokens, sequences, pages per sequence and pages all differ; the kernels do not (the
-    # binary search's step count is the one size-derived constant: 4 and 8 sequences share it).
+            for problem in (base, paged(8, 4096, 0.0), paged(8, 2048, 0.5), paged(40, 512, 0.5))}
+    # Tokens, sequences, pages per sequence and pages all differ; the kernels do not.
     assert len(keys) == 1 and len(next(iter(keys))) == 2
 
 

@@ -39,7 +39,7 @@ SHAPE = DecodeShape(batch=8, max_len=4000, q_heads=8, kv_heads=2, head_dim=64,
 @pytest.fixture(autouse=True)
 def toy_registered(monkeypatch):
     monkeypatch.setattr(registry, "VARIANTS", registry.VARIANTS + (TOY,))
-    monkeypatch.setitem(registry.DEFAULT_VARIANT, ("decode", "cpu"), "toy")
+    monkeypatch.setitem(registry.DEFAULT_VARIANT, ("decode", "cpu"), ("toy",))
 
 
 def write_table(path, entries):

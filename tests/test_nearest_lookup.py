@@ -43,7 +43,7 @@ SHAPE = DecodeShape(batch=8, max_len=4000, q_heads=12, kv_heads=3, head_dim=64,
 @pytest.fixture(autouse=True)
 def grouped_registered(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "VARIANTS", registry.VARIANTS + (GROUPED,))
-    monkeypatch.setitem(registry.DEFAULT_VARIANT, ("decode", "cpu"), "grouped")
+    monkeypatch.setitem(registry.DEFAULT_VARIANT, ("decode", "cpu"), ("grouped",))
     # Only this module's tables: the shipped ones change with every CPU sweep.
     monkeypatch.setattr(lookup, "shipped_tuned_dir", lambda: tmp_path / "no-shipped-tables")
 

@@ -253,4 +253,4 @@ def test_heuristic_is_valid_for_many_shapes(variant):
 
 def test_cpu_default_is_an_xla_variant():
     # That both run on the CPU with every feature is what the tests above exercise.
-    assert registry.DEFAULT_VARIANT[("paged", "cpu")] in VARIANTS
+    assert registry.DEFAULT_VARIANT[("paged", "cpu")][-1] in VARIANTS

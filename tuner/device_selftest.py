@@ -72,7 +72,7 @@ def _run_checks(seed: int) -> dict[str, Any]:
     op, overrides = TIMED_PROBLEM
     problem = bench_problem(op, overrides)
     prepared = _Problem(problem, seed, RELATIVE_ERROR_BOUND[problem.dtype], None)
-    variant = registry.get_variant(op, registry.default_variant(op, platform).name)
+    variant = registry.default_variant(op, platform)
     config = variant.default_config(problem.shape(seed)).to_dict()
     timers = {}
     # The profiler first: on a CPU the compiled call is kept and only that compile asks

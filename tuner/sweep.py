@@ -140,7 +140,7 @@ def _start_in(session, run_dir: Path, sweep_path: Path, spec: SweepSpec,
            "sweep_sha256": spec.sha256, "device_kind": kind, "shard": list(shard),
            # The untuned choice at sweep time: reports measure speedups against it, and the
            # registry's defaults may change after the run.
-           "default_variants": {op: registry.DEFAULT_VARIANT.get((op, environment["platform"]))
+           "default_variants": {op: registry.default_variant_name(op, environment["platform"])
                                 for op in registry.OPERATOR_NAMES},
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": toolchain_versions()}

@@ -271,9 +271,6 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
         KV_TOKENS_PER_BLOCK=kv_tokens,
         KV_BLOCK=next_power_of_two(kv_tokens),
         KV_SPLITS=splits,
-        # Steps past the needed ones change nothing (each is guarded by low < high): rounded
-        # up to a multiple of 4 so that batches of 1 to 14, 15 to 254, ... sequences share a kernel.
-        SEARCH_STEPS=cdiv((max_seqs + 1).bit_length(), 4) * 4,
         # float32 operands must not be rounded to tf32; 16-bit operands ignore this.
         DOT_PRECISION="ieee",
     )

@@ -60,7 +60,6 @@ def paged_attention_kernel(
     KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE / sub_page_blocks
     KV_BLOCK: tl.constexpr,  # KV_TOKENS_PER_BLOCK rounded up to a power of two
     KV_SPLITS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,  # binary search steps over max_seqs + 1 candidates (log2)
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: a query block of one sequence (or padding rows) for one KV head."""
@@ -77,16 +76,16 @@ def paged_attention_kernel(
     num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), max_seqs)
 
     # First virtual sequence whose first program id is past this one (over 0..num_seqs).
+    # A loop on the data, not a constexpr step count, so that every batch size shares a kernel.
     low = num_seqs * 0
     high = num_seqs + 1
-    for _ in tl.static_range(SEARCH_STEPS):
+    while low < high:
         middle = (low + high) // 2
         middle_start = tl.load(query_start_loc_ptr + tl.minimum(middle, max_seqs))
         middle_start = tl.minimum(tl.maximum(middle_start, 0), num_tokens)
-        go_right = (low < high) & (middle_start // QUERIES_PER_BLOCK + middle + 1 <= program)
-        go_left = (low < high) & (middle_start // QUERIES_PER_BLOCK + middle + 1 > program)
+        go_right = middle_start // QUERIES_PER_BLOCK + middle + 1 <= program
         low = tl.where(go_right, middle + 1, low)
-        high = tl.where(go_left, middle, high)
+        high = tl.where(go_right, high, middle)
     seq = low - 1  # in [-1, num_seqs]
 
     begin_index = tl.minimum(tl.maximum(seq, 0), max_seqs)

@@ -85,7 +85,7 @@ def summarize_problems(run: Run) -> list[ProblemSummary]:
             winner = _first_record(ok[ok["candidate"] == canonical([entry.variant,
                                                                     entry.config])])
         untuned_variant = default_variants.get(
-            sample["op"], registry.DEFAULT_VARIANT.get((sample["op"], run.platform)))
+            sample["op"], registry.default_variant_name(sample["op"], run.platform))
         untuned = _first_record(ok[(ok["variant"] == untuned_variant) & ok["is_default"]])
         summaries.append(ProblemSummary(sample["op"], problem_id,
                                         sample.get("problem", problem_id), sample.get("key", {}),

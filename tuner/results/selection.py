@@ -123,7 +123,7 @@ def _winner(complete: list[_Score], key: dict[str, Any], needed: int, noise: flo
             platform: str, provenance: dict[str, Any], problems: list[str]) -> Entry:
     fastest = min(complete, key=lambda s: s.median_us)
     chosen, why = fastest, "fastest ok config"
-    untuned = registry.DEFAULT_VARIANT.get((key["op"], platform))
+    untuned = registry.default_variant_name(key["op"], platform)
     preferred = [s for s in complete if s.is_default and s.variant == untuned]
     preferred += [s for s in complete if s.is_default and s.variant == fastest.variant]
     for default in preferred:
