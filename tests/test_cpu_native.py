@@ -36,6 +36,24 @@ def test_the_library_builds_here():
         assert registry.get_variant(op, "cpu_native").unavailable_reason() is None
 
 
+def test_where_it_builds_it_is_what_an_untuned_cpu_call_runs(tmp_path, monkeypatch):
+    from attnbench.kernels import lookup
+
+    # Shapes no table holds (head dim 48), so the untuned choice decides.
+    monkeypatch.setattr(lookup, "shipped_tuned_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(lookup, "user_tuned_dir", lambda: tmp_path / "none-either")
+    lookup.clear_caches()
+    decode = DecodeProblem(batch=2, max_len=64, q_heads=4, kv_heads=2, head_dim=48).shape()
+    paged = PagedProblem(num_seqs=2, max_len=64, q_heads=4, kv_heads=2, head_dim=48).shape()
+    for shape in (decode, paged):
+        chosen = lookup.choose(shape, platform="cpu")
+        assert (chosen.variant.name, chosen.source) == ("cpu_native", "heuristic default")
+        # Where it cannot run the call (an interpreter was asked for), the XLA variant does.
+        assert lookup.choose(shape, platform="cpu", interpret=True).variant.name.startswith("xla")
+    assert registry.default_variant_name("decode", "cpu") == "cpu_native"
+    lookup.clear_caches()
+
+
 DECODE_FEATURES = {
     "none": {},
     "window_int": dict(sliding_window=37),
