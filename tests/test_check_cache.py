@@ -41,6 +41,24 @@ def test_problems_that_differ_in_batch_or_context_launch_the_same_kernels_on_oth
     assert warps[0].key != small[0].key
 
 
+def test_configs_that_differ_only_in_their_kv_splits_share_the_attention_kernel():
+    decode_variant = registry.get_variant("decode", "triton_splitkv")
+    base = decode_variant.default_config(decode(4).shape(0))
+    per_split = [cuda_check.trace_kernels(decode(4), decode_variant.name,
+                                          base.replace(num_kv_splits=splits), SM90)
+                 for splits in (2, 4, 8)]
+    assert len({kernels[0].key for kernels in per_split}) == 1
+    assert [kernels[0].grid[2] for kernels in per_split] == [2, 4, 8]
+    paged_variant = registry.get_variant("paged", "triton")
+    problem = PagedProblem(num_seqs=4, max_len=2048, q_heads=16, kv_heads=4, head_dim=128)
+    config = paged_variant.default_config(problem.shape(0))
+    attention = [cuda_check.trace_kernels(problem, paged_variant.name,
+                                          config.replace(kv_splits=splits), SM90)[0].key
+                 for splits in (1, 2, 4)]
+    # One split writes the final output itself, more write partials: two kernels for three.
+    assert attention[1] == attention[2] != attention[0]
+
+
 def test_paged_batches_of_other_sizes_launch_the_same_kernels():
     variant = registry.get_variant("paged", "triton")
 

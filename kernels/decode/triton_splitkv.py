@@ -212,7 +212,6 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
         Q_HEADS=q_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=padded_head_dim(head_dim), HEAD_BLOCKS_PER_KV_HEAD=head_blocks,
         BLOCK_Q_HEADS=config.block_q_heads, KV_BLOCK_SIZE=config.kv_block_size,
-        NUM_KV_SPLITS=splits,
         # float32 operands must not be rounded to tf32; 16-bit operands ignore this.
         DOT_PRECISION="ieee",
         query_stride_b=query_strides[0], query_stride_h=query_strides[1],

@@ -27,9 +27,9 @@ def splitkv_partial_kernel(
     partial_out_poisoned_ptr,  # unused: jax_triton passes an aliased input as its own pointer
     partial_max_poisoned_ptr,  # unused, as above
     partial_sum_poisoned_ptr,  # unused, as above
-    partial_out_ptr,  # f32 [B, Hq, NUM_KV_SPLITS, D]: unnormalized sum_j e^(s_j - m) v_j
-    partial_max_ptr,  # f32 [B, Hq, NUM_KV_SPLITS]: m, the split's max logit in base 2
-    partial_sum_ptr,  # f32 [B, Hq, NUM_KV_SPLITS]: sum_j e^(s_j - m)
+    partial_out_ptr,  # f32 [B, Hq, splits, D]: unnormalized sum_j e^(s_j - m) v_j
+    partial_max_ptr,  # f32 [B, Hq, splits]: m, the split's max logit in base 2
+    partial_sum_ptr,  # f32 [B, Hq, splits]: sum_j e^(s_j - m)
     SOFTMAX_SCALE: tl.constexpr,
     WINDOW_LEFT: tl.constexpr,  # key j needs j >= p - WINDOW_LEFT; < 0: no window
     SOFT_CAP: tl.constexpr,  # <= 0: no soft cap
@@ -40,7 +40,6 @@ def splitkv_partial_kernel(
     HEAD_BLOCKS_PER_KV_HEAD: tl.constexpr,  # ceil(GROUP_SIZE / BLOCK_Q_HEADS)
     BLOCK_Q_HEADS: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
-    NUM_KV_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     query_stride_b: tl.constexpr, query_stride_h: tl.constexpr,
     kv_stride_s: tl.constexpr, kv_stride_h: tl.constexpr,
@@ -50,6 +49,9 @@ def splitkv_partial_kernel(
     kv_head = tl.program_id(1) // HEAD_BLOCKS_PER_KV_HEAD
     head_block = tl.program_id(1) % HEAD_BLOCKS_PER_KV_HEAD
     split = tl.program_id(2)
+    # The split count is the grid's third axis, read at run time: configs that differ only in
+    # it share one compiled kernel.
+    num_kv_splits = tl.num_programs(2)
 
     # Clamped so that no value of start/end can move a load outside the cache.
     end = tl.minimum(tl.maximum(tl.load(end_ptr + batch), 0), seq_len)
@@ -60,7 +62,7 @@ def splitkv_partial_kernel(
     # out evenly among the splits, so a short row costs few blocks whatever the cache length.
     first_block = start // KV_BLOCK_SIZE
     num_blocks = tl.where(start < end, tl.cdiv(end, KV_BLOCK_SIZE) - first_block, 0)
-    blocks_per_split = tl.cdiv(num_blocks, NUM_KV_SPLITS)
+    blocks_per_split = tl.cdiv(num_blocks, num_kv_splits)
     split_begin = first_block + split * blocks_per_split
     split_end = tl.minimum(split_begin + blocks_per_split, first_block + num_blocks)
 
@@ -108,7 +110,7 @@ def splitkv_partial_kernel(
             weights.to(value.dtype), value, input_precision=DOT_PRECISION)
         running_max = new_max
 
-    partial_row = (batch64 * Q_HEADS + q_head) * NUM_KV_SPLITS + split
+    partial_row = (batch64 * Q_HEADS + q_head) * num_kv_splits + split
     tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dim[None, :], accumulator,
              mask=row_is_real[:, None] & dim_is_real[None, :])
     tl.store(partial_max_ptr + partial_row, running_max, mask=row_is_real)

@@ -270,7 +270,7 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
         HEAD_DIM_PADDED=padded_head_dim(head_dim), QUERIES_PER_BLOCK=queries,
         KV_TOKENS_PER_BLOCK=kv_tokens,
         KV_BLOCK=next_power_of_two(kv_tokens),
-        KV_SPLITS=splits,
+        SPLIT_PARTIALS=splits > 1,
         # float32 operands must not be rounded to tf32; 16-bit operands ignore this.
         DOT_PRECISION="ieee",
     )

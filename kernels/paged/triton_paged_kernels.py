@@ -42,8 +42,8 @@ def paged_attention_kernel(
     num_pages,  # P
     poisoned_output_ptr,  # unused: jax_triton passes each aliased NaN-filled input as a pointer
     poisoned_stats_ptr,  # unused, as above
-    output_ptr,  # KV_SPLITS == 1: [T, Hq, D] final output; else f32 [KV_SPLITS, T, Hq, D] partials
-    partial_stats_ptr,  # KV_SPLITS > 1: f32 [KV_SPLITS, T, Hq, 2] (max in base 2, sum); else [1]
+    output_ptr,  # one split: [T, Hq, D] final output; else f32 [splits, T, Hq, D] partials
+    partial_stats_ptr,  # several splits: f32 [splits, T, Hq, 2] (max in base 2, sum); else [1]
     SOFTMAX_SCALE: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     WINDOW_LEFT: tl.constexpr,  # key j needs j >= p - WINDOW_LEFT
@@ -59,7 +59,7 @@ def paged_attention_kernel(
     QUERIES_PER_BLOCK: tl.constexpr,
     KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE / sub_page_blocks
     KV_BLOCK: tl.constexpr,  # KV_TOKENS_PER_BLOCK rounded up to a power of two
-    KV_SPLITS: tl.constexpr,
+    SPLIT_PARTIALS: tl.constexpr,  # more than one KV split: write partials for the combine
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: a query block of one sequence (or padding rows) for one KV head."""
@@ -112,7 +112,7 @@ def paged_attention_kernel(
     is_padding = (seq < 0) | (seq >= num_seqs)
     if is_padding:
         # Rows no sequence owns are zeros (they never join a split partial, see the combine).
-        if KV_SPLITS == 1:
+        if not SPLIT_PARTIALS:
             zeros = tl.zeros([ROWS, HEAD_DIM_PADDED], dtype=output_ptr.dtype.element_ty)
             tl.store(output_ptr + row_offset[:, None] + dim[None, :], zeros, mask=store_mask)
     else:
@@ -137,13 +137,15 @@ def paged_attention_kernel(
         block_begin = key_begin // KV_TOKENS_PER_BLOCK
         num_blocks = tl.where(key_begin < key_end,
                               tl.cdiv(key_end, KV_TOKENS_PER_BLOCK) - block_begin, 0)
-        if KV_SPLITS > 1:
-            blocks_per_split = tl.cdiv(num_blocks, KV_SPLITS)
+        if SPLIT_PARTIALS:
+            # The split count is the grid's third axis, read at run time: configs that differ
+            # only in it share one compiled kernel.
+            blocks_per_split = tl.cdiv(num_blocks, tl.num_programs(2))
             block_begin = block_begin + split * blocks_per_split
             num_blocks = tl.maximum(tl.minimum(num_blocks - split * blocks_per_split,
                                                blocks_per_split), 0)
 
-        if HAS_SINKS and KV_SPLITS == 1:
+        if HAS_SINKS and not SPLIT_PARTIALS:
             # The sink starts the running softmax: max = sink, sum = e^(sink - sink) = 1.
             sink = tl.load(sinks_ptr + q_head, mask=row_is_real, other=0.0)
             running_max = sink.to(tl.float32) * LOG2_E
@@ -194,7 +196,7 @@ def paged_attention_kernel(
                 weights.to(value.dtype), value, input_precision=DOT_PRECISION)
             running_max = new_max
 
-        if KV_SPLITS == 1:
+        if not SPLIT_PARTIALS:
             safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
             result = tl.where(running_sum[:, None] == 0.0, 0.0, accumulator / safe_sum[:, None])
             tl.store(output_ptr + row_offset[:, None] + dim[None, :],
