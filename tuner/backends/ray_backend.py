@@ -236,22 +236,22 @@ class RaySession:
             self.ray.shutdown()
 
     def _actor_layout(self) -> list[dict[str, Any]]:
-        """Ray options of each actor: one per GPU, one per TPU host, else CPU actors."""
+        """Ray options of each actor: one per GPU and one per TPU host (a cluster may hold
+        both; probe keeps the kinds the sweep is for), else CPU actors."""
         ray = self.ray
         resources = ray.cluster_resources()
         workers = self.choice.workers
         gpus = int(resources.get("GPU", 0))
         tpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("TPU")]
-        if gpus:
-            layout = [{"num_gpus": 1, "num_cpus": 0}] * gpus
-        elif tpu_nodes:
+        layout: list[dict[str, Any]] = [{"num_gpus": 1, "num_cpus": 0}] * gpus
+        if tpu_nodes:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            layout = [{"num_cpus": 0, "resources": {"TPU": node["Resources"]["TPU"]},
-                       "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"],
-                                                                             soft=False)}
-                      for node in tpu_nodes]
-        else:
+            layout += [{"num_cpus": 0, "resources": {"TPU": node["Resources"]["TPU"]},
+                        "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                              soft=False)}
+                       for node in tpu_nodes]
+        if not layout:
             cpus = int(resources.get("CPU", 0))
             if workers is not None and workers > cpus:
                 raise SweepError(f"--workers {workers} CPU actors need {workers} CPUs, but the "
