@@ -490,8 +490,12 @@ def sweep(
     sweep_file: Optional[Path] = typer.Argument(
         None, help="A sweep file (.yaml). Default: the shipped one for this device."),
     quick: bool = typer.Option(False, "--quick", help="Run the tiny sweep (sweeps/quick.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default results/runs/<time>-<device>)."),
-    resume: Optional[Path] = typer.Option(None, help="Finish the interrupted run in this folder."),
+    out: Optional[Path] = typer.Option(
+        None, help="Run folder (default results/runs/<time>-<device>). A Ray cluster with "
+                   "devices of several kinds gets one run folder per kind inside it (<kind>/)."),
+    resume: Optional[Path] = typer.Option(
+        None, help="Finish the interrupted run in this folder (the parent folder of a sweep "
+                   "over several device kinds: every kind's run not finished yet)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print problems and configs after pruning; run nothing."),
     shard: str = typer.Option("0/1", help="Run share I of N (problem i goes to shard i % N)."),
     install: bool = typer.Option(True, "--install/--no-install",

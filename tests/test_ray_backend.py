@@ -16,13 +16,16 @@ import pytest
 import ray  # the test extra installs it: a missing Ray fails here, loudly
 import yaml
 
+import ray_kinds
 import tuner_variants
 from attnbench.kernels import registry
 from attnbench.kernels.table import read_table
 from attnbench.tuner import sweep as runner
 from attnbench.tuner.backends import BackendChoice
+from attnbench.tuner.backends.ray_backend import RaySession
 from attnbench.tuner.plan import space
 from attnbench.tuner.plan.sweep_file import load_sweep
+from attnbench.tuner.report.load import ReportError, load_run
 from attnbench.tuner.results import records
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -144,14 +147,18 @@ def _wait_for(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _driver(sweep: Path, out: Path, address: str) -> str:
+def _driver(sweep: Path, out: Path, address: str, actor_class: str = "None",
+            install: bool = False) -> str:
+    """A driver's program; `actor_class` is an expression (ray_kinds is imported)."""
     return (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import tuner_variants; "
+            "import ray_kinds; "
             "from attnbench.kernels import registry; "
             "registry.VARIANTS = registry.VARIANTS + tuner_variants.VARIANTS; "
             "from attnbench.tuner import sweep as runner; "
             "from attnbench.tuner.backends import BackendChoice; "
-            f"runner.start_sweep({str(sweep)!r}, out={str(out)!r}, install_winners=False, "
-            f"backend=BackendChoice('ray', address={address!r}, workers=2))")
+            f"runner.start_sweep({str(sweep)!r}, out={str(out)!r}, install_winners={install}, "
+            f"backend=BackendChoice('ray', address={address!r}, workers=2, "
+            f"actor_class={actor_class}))")
 
 
 def test_deaths_mid_sweep_lose_and_duplicate_nothing(tmp_path, cluster, test_variants):
@@ -206,6 +213,86 @@ def test_deaths_mid_sweep_lose_and_duplicate_nothing(tmp_path, cluster, test_var
     assert (out / records.TABLE_FILE).exists()
 
 
+def test_a_cluster_of_two_kinds_sweeps_each_kind_into_its_own_run(tmp_path, cluster,
+                                                                  test_variants):
+    """Two CPU actors reporting two device kinds, the driver killed (kill -9) once both kinds
+    have measured: `--resume` on the parent folder completes both kinds' runs. Each kind's
+    configs ran on its own actor only, every measurement is in its kind's log exactly once,
+    and each kind has its table and its installed winners."""
+    kinds = ("cpu-one", "cpu-two")
+    sweep = write_sweep(tmp_path / "sweep.yaml", {"decode": {
+        "problems": [dict(TINY)],
+        "variants": {"test_good": {"grid": {"extra_work": [0, 1], "block": [16, 32]}}}}},
+        devices=list(kinds))
+    slots = str(tmp_path / "kind-slots")
+    actor_class = f"ray_kinds.measurer_reporting({kinds!r}, {slots!r})"
+    out = tmp_path / "run"
+    logs = {kind: out / kind / records.LOG_FILE for kind in kinds}
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-c", _driver(sweep, out, cluster, actor_class, install=True)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def measured_by_both():
+        if process.poll() is not None:
+            raise AssertionError("the sweep ended before the kill: "
+                                 + process.stderr.read().decode()[-3000:])
+        return all(log.exists() and any("actor_pid" in r for r in records.read_records(log))
+                   for log in logs.values())
+
+    try:
+        _wait_for(measured_by_both, 240, "a measurement of each kind")
+        process.send_signal(signal.SIGKILL)
+        started = process.communicate(timeout=30)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert ("ray: 2 actors on 1 host(s), 2 device kinds: cpu-one 1 actor on 1 host, "
+            "cpu-two 1 actor on 1 host") in started
+    before = {kind: {r["id"]: r for r in log_lines(out / kind)} for kind in kinds}
+    manifest = json.loads((out / records.KINDS_FILE).read_text())
+    unfinished = [k for k in kinds if manifest["kinds"][k]["finished"] is None]
+    assert unfinished, "both kinds finished before the kill; make the sweep longer"
+
+    # This host's own device is none of the kinds: nothing to resume here, and it says why.
+    with pytest.raises(runner.SweepError, match=r"unfinished runs are for \['cpu-"):
+        runner.resume_sweep(out, echo=lambda line: None)
+    echoed = []
+    resume_backend = BackendChoice("ray", workers=2,
+                                   actor_class=ray_kinds.measurer_reporting(kinds, slots))
+    runner.resume_sweep(out, echo=echoed.append, backend=resume_backend)
+    assert f"resuming {', '.join(unfinished)} in {out}" in echoed
+    expected = expected_round0_ids(sweep)
+    for kind in kinds:
+        run_dir = out / kind
+        lines = assert_each_once(run_dir)
+        after = {r["id"]: r for r in lines}
+        assert before[kind].items() <= after.items()
+        assert set(after) == expected
+        assert {r["status"] for r in lines} == {"ok"}
+        assert {r["measured_on"] for r in lines} == {kind}
+        assert {r["device_kind"] for r in lines} == {kind}
+        environment = json.loads((run_dir / records.ENVIRONMENT_FILE).read_text())
+        assert environment["device_kind"] == kind
+        assert environment["backend"] == {"name": "ray", "actors": 1, "hosts": 1}
+        table = read_table(run_dir / records.TABLE_FILE)
+        assert table.entries and {e.key["device_kind"] for e in table.entries} == {kind}
+        installed = read_table(Path(os.environ["XDG_DATA_HOME"]) / "attnbench" / "tuned"
+                               / f"{kind}.json")
+        assert installed.entries == table.entries
+    manifest = json.loads((out / records.KINDS_FILE).read_text())
+    assert all(manifest["kinds"][k]["finished"] for k in kinds)
+    # Finished: a resume opens no session and measures nothing.
+    echoed.clear()
+    runner.resume_sweep(out, echo=echoed.append, backend=resume_backend)
+    assert echoed == [f"every device kind's run in {out} is finished (cpu-one, cpu-two); "
+                      "nothing to resume"]
+    with pytest.raises(ReportError, match="one run folder per device kind"):
+        load_run(out)
+    one_kind = load_run(out / "cpu-two")
+    assert not one_kind.unfinished and {w.key["device_kind"] for w in one_kind.winners} == {
+        "cpu-two"}
+
+
 def test_backend_choice_names_its_argument():
     with pytest.raises(runner.SweepError, match="--backend"):
         BackendChoice("slurm")
@@ -213,3 +300,7 @@ def test_backend_choice_names_its_argument():
         BackendChoice("local", workers=2)
     with pytest.raises(runner.SweepError, match="--workers must be at least 1"):
         BackendChoice("ray", workers=0)
+    with pytest.raises(runner.SweepError, match="actor_class .* needs --backend ray"):
+        BackendChoice("local", actor_class=ray_kinds.measurer_reporting(("cpu",), "/tmp"))
+    with pytest.raises(runner.SweepError, match="actor_class must be ray_backend.Measurer"):
+        RaySession(BackendChoice("ray", actor_class=dict), print)

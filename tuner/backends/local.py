@@ -3,13 +3,14 @@ host, its configs one at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..measure import processes, worker
 from ..plan import space
 from ..plan.planning import ProblemPlan
 from ..progress import SweepProgress
-from .state import RunState, base_record
+from .state import KindRun, RunState, base_record
 
 
 def run_problem(state: RunState, item: ProblemPlan, progress: SweepProgress) -> None:
@@ -68,9 +69,14 @@ class LocalSession:
     def __exit__(self, *exc) -> None:
         pass
 
-    def probe(self, wanted, measure_bandwidth: bool) -> dict[str, Any]:
+    def probe(self, wanted, measure_bandwidth: bool) -> list[dict[str, Any]]:
         # `wanted` is checked by the caller, whose message names this one device.
-        return processes.probe_environment(measure_bandwidth=measure_bandwidth)
+        return [processes.probe_environment(measure_bandwidth=measure_bandwidth)]
 
-    def run(self, state: RunState, plans: list[ProblemPlan], progress: SweepProgress) -> None:
-        run(state, plans, progress)
+    def run(self, runs: list[KindRun], progress: SweepProgress,
+            finished: Callable[[KindRun], None] | None = None) -> None:
+        """Each kind's run in turn (this host has one kind); `finished` after each."""
+        for kind_run in runs:
+            run(kind_run.state, kind_run.plans, progress)
+            if finished is not None:
+                finished(kind_run)

@@ -5,11 +5,15 @@
     actor:  a worker process per problem (today's isolation), replaced when it dies
 
 GPU actors hold one GPU each, a TPU actor all the chips of its host; a cluster without
-accelerators gets CPU actors (one CPU each). Actors report their device kind and only those
-of the kind being swept get work. A batch holds configs of one problem, and an actor keeps
-its worker (the problem's inputs and reference) for the next batch of the same problem,
-which it is given first. A halving round of a problem opens when the driver has its previous
-round's records, whichever actors measured them.
+accelerators gets CPU actors (one CPU each). Actors report their device kind; only those of
+a kind the sweep is for get work, and each kind's problems go to that kind's actors only.
+A sweep matching several kinds runs one lane per kind through the same driver loop, all at
+once (each lane into its own run folder and log), so no matched accelerator waits for
+another kind to finish; a lane whose records are all in is finished (table, install) while
+the others go on. A batch holds configs of one problem, and an actor keeps its worker (the
+problem's inputs and reference) for the next batch of the same problem, which it is given
+first. A halving round of a problem opens when the driver has its previous round's records,
+whichever actors of its kind measured them.
 
 CPU actors of one host share its cores, so they take turns at the clock through a file lock
 in the host's temp folder (compiles still overlap). The lock is per host: actors on other
@@ -18,7 +22,9 @@ hosts time on other CPUs, and a GPU or TPU actor times its own device, so they t
 Failures: a config whose worker dies is measured again once on a fresh worker (the death may
 come from outside, e.g. memory taken by another actor) and recorded `crashed` if it kills that
 one too. An actor that dies (or its node) has its batch queued again once; a config that was
-in flight when two actors died is recorded `crashed`.
+in flight when two actors died is recorded `crashed`. A replacement that comes up on a
+device of another kind (the freed GPU went elsewhere) works for that kind's lane, or is let
+go when no lane wants it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import SweepError
@@ -37,7 +44,7 @@ from ..plan.planning import ProblemPlan
 from ..plan.sweep_file import SweepProblem
 from ..progress import SweepProgress
 from . import BackendChoice
-from .state import Echo, RunState, base_record
+from .state import Echo, KindRun, RunState, base_record
 
 # Configs per batch at most: a batch's records come back together, so a driver killed
 # mid-batch loses (and measures again on resume) at most this many.
@@ -153,6 +160,35 @@ class _Actor:
     environment: dict[str, Any] | None = None
     problem_id: str | None = None  # the problem whose worker it holds
 
+    @property
+    def kind(self) -> str:
+        return self.environment["device_kind"]
+
+
+@dataclasses.dataclass(eq=False)
+class _Lane:
+    """One device kind's run inside the driver loop: its problems and queued batches.
+    Problem and measurement ids are the same for every kind, so all of this is per lane."""
+
+    work: KindRun
+    label_prefix: str  # the kind, when several share the progress display
+    problems: dict[str, _ProblemState]
+    queue: list[_Batch] = dataclasses.field(default_factory=list)
+    lost_once: set[str] = dataclasses.field(default_factory=set)
+    in_flight: int = 0
+    finished: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.work.kind
+
+    @property
+    def state(self) -> RunState:
+        return self.work.state
+
+    def label(self, batch: _Batch) -> str:
+        return self.label_prefix + batch.item.problem.label
+
 
 class RaySession:
     """A connection to a Ray cluster (or a Ray instance it starts) and its actors. A Ray
@@ -161,8 +197,13 @@ class RaySession:
     def __init__(self, choice: BackendChoice, echo: Echo):
         self.choice, self.echo = choice, echo
         self.ray = _import_ray()
+        self.actor_class = choice.actor_class or Measurer
+        if not (isinstance(self.actor_class, type) and issubclass(self.actor_class, Measurer)):
+            raise SweepError(f"actor_class must be ray_backend.Measurer or a subclass of it, "
+                             f"got {self.actor_class!r}")
         self.started_ray = False
         self.actors: list[_Actor] = []
+        self.kinds: set[str] = set()  # the kinds kept by probe: what replacements may be
         self.replacements_left = 0
 
     # ---- Cluster and actors ------------------------------------------------------------
@@ -195,22 +236,22 @@ class RaySession:
             self.ray.shutdown()
 
     def _actor_layout(self) -> list[dict[str, Any]]:
-        """Ray options of each actor: one per GPU, one per TPU host, else CPU actors."""
+        """Ray options of each actor: one per GPU and one per TPU host (a cluster may hold
+        both; probe keeps the kinds the sweep is for), else CPU actors."""
         ray = self.ray
         resources = ray.cluster_resources()
         workers = self.choice.workers
         gpus = int(resources.get("GPU", 0))
         tpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("TPU")]
-        if gpus:
-            layout = [{"num_gpus": 1, "num_cpus": 0}] * gpus
-        elif tpu_nodes:
+        layout: list[dict[str, Any]] = [{"num_gpus": 1, "num_cpus": 0}] * gpus
+        if tpu_nodes:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            layout = [{"num_cpus": 0, "resources": {"TPU": node["Resources"]["TPU"]},
-                       "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"],
-                                                                             soft=False)}
-                      for node in tpu_nodes]
-        else:
+            layout += [{"num_cpus": 0, "resources": {"TPU": node["Resources"]["TPU"]},
+                        "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                              soft=False)}
+                       for node in tpu_nodes]
+        if not layout:
             cpus = int(resources.get("CPU", 0))
             if workers is not None and workers > cpus:
                 raise SweepError(f"--workers {workers} CPU actors need {workers} CPUs, but the "
@@ -219,39 +260,49 @@ class RaySession:
         return layout[:workers] if workers is not None else layout
 
     def _new_actor(self, options: dict[str, Any]) -> _Actor:
-        handle = self.ray.remote(Measurer).options(**options).remote()
+        handle = self.ray.remote(self.actor_class).options(**options).remote()
         return _Actor(handle, options)
 
-    def probe(self, wanted, measure_bandwidth: bool) -> dict[str, Any]:
-        """The environment of the actors whose device `wanted(kind, raw_kind)` accepts;
-        the others are let go. Raises SweepError when none is, or when they differ in kind."""
+    def probe(self, wanted, measure_bandwidth: bool) -> list[dict[str, Any]]:
+        """One environment per device kind among the actors whose device
+        `wanted(kind, raw_kind)` accepts (sorted by kind); the other actors are let go.
+        Raises SweepError when no actor is wanted."""
         ray = self.ray
         found = ray.get([a.handle.probe.remote(False) for a in self.actors])
         for actor, environment in zip(self.actors, found):
             actor.environment = environment
-        kinds = sorted({e["device_kind"] for e in found})
-        keep = [a for a in self.actors
-                if wanted(a.environment["device_kind"], a.environment["device_kind_raw"])]
+        keep = [a for a in self.actors if wanted(a.kind, a.environment["device_kind_raw"])]
         if not keep:
             raise SweepError(f"no Ray actor has a device this sweep is for; the actors' "
-                             f"devices are {kinds}")
-        kept_kinds = sorted({a.environment["device_kind"] for a in keep})
-        if len(kept_kinds) > 1:
-            raise SweepError(f"the sweep matches actors of several device kinds {kept_kinds}; "
-                             "run it once per kind, on a cluster (or --workers) of one kind")
+                             f"devices are {sorted({e['device_kind'] for e in found})}")
         for actor in self.actors:
             if actor not in keep:
                 ray.kill(actor.handle)
         self.actors = keep
-        environment = dict(keep[0].environment)
-        if measure_bandwidth:
-            environment = ray.get(keep[0].handle.probe.remote(True))
-        environment["backend"] = {
-            "name": "ray", "actors": len(keep),
-            "hosts": len({a.environment["ray_node"] for a in keep})}
-        self.echo(f"ray: {len(keep)} actors on {environment['backend']['hosts']} host(s), "
-                  f"device {kept_kinds[0]}")
-        return environment
+        self.kinds = {a.kind for a in keep}
+        environments = []
+        for kind in sorted(self.kinds):
+            actors = [a for a in keep if a.kind == kind]
+            environment = dict(actors[0].environment)
+            if measure_bandwidth:
+                # One kind after another, so two measurements never share a host's memory.
+                environment = ray.get(actors[0].handle.probe.remote(True))
+            environment["backend"] = {
+                "name": "ray", "actors": len(actors),
+                "hosts": len({a.environment["ray_node"] for a in actors})}
+            environments.append(environment)
+        hosts = len({a.environment["ray_node"] for a in keep})
+        if len(environments) == 1:
+            self.echo(f"ray: {len(keep)} actors on {hosts} host(s), device "
+                      f"{environments[0]['device_kind']}")
+        else:
+            shares = ", ".join(
+                f"{e['device_kind']} {_count(e['backend']['actors'], 'actor')} on "
+                f"{_count(e['backend']['hosts'], 'host')}" for e in environments)
+            self.echo(f"ray: {len(keep)} actors on {hosts} host(s), {len(environments)} device "
+                      f"kinds: {shares}; each kind runs its own share of the sweep on its own "
+                      "actors, all kinds at once")
+        return environments
 
     def _replace(self, lost: _Actor) -> None:
         self.actors.remove(lost)
@@ -268,68 +319,103 @@ class RaySession:
             self.echo(f"\nray: no replacement actor: {str(error).splitlines()[0]}")
             self.ray.kill(actor.handle)
             return
+        if actor.kind not in self.kinds:
+            self.echo(f"\nray: the replacement actor came up on a {actor.kind} device, which "
+                      f"this sweep is not measuring; let go")
+            self.ray.kill(actor.handle)
+            return
         self.actors.append(actor)
+
+    def _let_go(self, kind: str) -> None:
+        for actor in [a for a in self.actors if a.kind == kind]:
+            self.ray.kill(actor.handle)
+            self.actors.remove(actor)
+        self.kinds.discard(kind)
 
     # ---- Running -----------------------------------------------------------------------
 
-    def run(self, state: RunState, plans: list[ProblemPlan], progress: SweepProgress) -> None:
+    def run(self, runs: list[KindRun], progress: SweepProgress,
+            finished: Callable[[KindRun], None] | None = None) -> None:
+        """Measures every kind's plans on the actors of its kind, all kinds at once; calls
+        `finished` for a kind as soon as its last record is in the log."""
         ray = self.ray
-        queue: list[_Batch] = []
-        problems = {space.problem_id(item.problem): _ProblemState(item) for item in plans}
-        for problem in problems.values():
-            state.record_skips(problem.item, progress)
-            self._open_next_round(state, problem, queue, progress)
-        lost_once: set[str] = set()
-        in_flight: dict[Any, tuple[_Actor, _Batch]] = {}
+        prefix = len(runs) > 1
+        lanes = {}
+        for work in runs:
+            problems = {space.problem_id(item.problem): _ProblemState(item)
+                        for item in work.plans}
+            lanes[work.kind] = _Lane(work, f"{work.kind} " if prefix else "", problems)
+        for lane in lanes.values():
+            for problem in lane.problems.values():
+                lane.state.record_skips(problem.item, progress)
+                self._open_next_round(lane, problem, progress)
+        in_flight: dict[Any, tuple[_Actor, _Lane, _Batch]] = {}
         idle = list(self.actors)
         # Batches still out when this ends (an error, ^C) go with their actors, which the
         # session kills; their configs are not in the log, so a resume measures them.
-        while queue or in_flight:
-            while idle and queue:
-                actor = idle.pop(0)
-                batch = _pick(queue, actor.problem_id,
-                              {a.problem_id for a in self.actors if a is not actor})
+        while True:
+            for lane in lanes.values():
+                if not lane.finished and not lane.queue and not lane.in_flight:
+                    lane.finished = True
+                    # Its actors have nothing left to measure: free their devices.
+                    idle = [a for a in idle if a.kind != lane.kind]
+                    self._let_go(lane.kind)
+                    if finished is not None:
+                        finished(lane.work)
+            for actor in list(idle):
+                lane = lanes.get(actor.kind)
+                if lane is None or not lane.queue:
+                    continue
+                idle.remove(actor)
+                batch = _pick(lane.queue, actor.problem_id,
+                              {a.problem_id for a in self.actors
+                               if a is not actor and a.kind == actor.kind})
                 actor.problem_id = space.problem_id(batch.item.problem)
-                in_flight[actor.handle.measure.remote(self._job(state, batch))] = (actor,
-                                                                                  batch)
+                lane.in_flight += 1
+                in_flight[actor.handle.measure.remote(self._job(lane.state, batch))] = (
+                    actor, lane, batch)
             if not in_flight:
-                raise SweepError("every Ray actor died; continue with --resume on a "
-                                 "healthy cluster")
+                break
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, batch = in_flight.pop(ref)
-            problem = problems[space.problem_id(batch.item.problem)]
+            actor, lane, batch = in_flight.pop(ref)
+            lane.in_flight -= 1
+            problem = lane.problems[space.problem_id(batch.item.problem)]
             try:
                 results = ray.get(ref)
             except ray.exceptions.RayActorError as error:
-                self.echo(f"\nray: an actor died measuring {batch.item.problem.label}: "
+                self.echo(f"\nray: an actor died measuring {lane.label(batch)}: "
                           f"{str(error).splitlines()[0]}")
-                again = self._after_lost(state, batch, lost_once, error, progress)
+                again = self._after_lost(lane, batch, error, progress)
                 self._replace(actor)
-                busy = [a for a, _ in in_flight.values()]
+                busy = [a for a, _, _ in in_flight.values()]
                 idle = [a for a in self.actors if all(a is not b for b in busy)]
                 if again is not None:
-                    queue.insert(0, again)
+                    lane.queue.insert(0, again)
                     continue
             else:
                 idle.append(actor)
                 for record, result in zip(batch.records, results):
                     record.update(result)
-                    state.record(record, progress, batch.item.problem.label)
+                    lane.state.record(record, progress, lane.label(batch))
             problem.outstanding -= 1
             if problem.outstanding == 0:
-                self._open_next_round(state, problem, queue, progress)
+                self._open_next_round(lane, problem, progress)
+        stranded = sorted(lane.kind for lane in lanes.values() if not lane.finished)
+        if stranded:
+            raise SweepError(f"every Ray actor of device kind {', '.join(stranded)} died; "
+                             "continue with --resume on a healthy cluster")
 
-    def _after_lost(self, state: RunState, batch: _Batch, lost_once: set[str], error,
+    def _after_lost(self, lane: _Lane, batch: _Batch, error,
                     progress: SweepProgress) -> _Batch | None:
         """Queues a lost batch again once; configs lost twice are recorded `crashed`."""
         keep_records, keep_tasks = [], []
         for record, task in zip(batch.records, batch.tasks):
-            if record["id"] in lost_once:
+            if record["id"] in lane.lost_once:
                 record.update(status="crashed", reason=f"two Ray actors died measuring it; "
                                                        f"the last: {str(error).splitlines()[0]}")
-                state.record(record, progress, batch.item.problem.label)
+                lane.state.record(record, progress, lane.label(batch))
             else:
-                lost_once.add(record["id"])
+                lane.lost_once.add(record["id"])
                 keep_records.append(record)
                 keep_tasks.append(task)
         if not keep_records:
@@ -343,9 +429,10 @@ class RaySession:
                    state.tolerance(item), state.environment.get("read_bandwidth_bytes_per_s"),
                    timing.setup_timeout_s, timing.timeout_s, tuple(batch.tasks))
 
-    def _open_next_round(self, state: RunState, problem: _ProblemState, queue: list[_Batch],
+    def _open_next_round(self, lane: _Lane, problem: _ProblemState,
                          progress: SweepProgress) -> None:
         """Queues the batches of the problem's next round with work left (none: it is done)."""
+        state = lane.state
         spec, timing = state.spec, state.spec.timing
         while problem.round_index + 1 < space.round_count(spec.search):
             problem.round_index += 1
@@ -364,13 +451,18 @@ class RaySession:
                 progress.grow(len(todo))
             if not todo:
                 continue
-            size = max(1, min(_MAX_BATCH, math.ceil(len(todo) / (2 * max(len(self.actors), 1)))))
+            actors = sum(1 for a in self.actors if a.kind == lane.kind)
+            size = max(1, min(_MAX_BATCH, math.ceil(len(todo) / (2 * max(actors, 1)))))
             for start in range(0, len(todo), size):
                 chunk = todo[start:start + size]
-                queue.append(_Batch(problem.item, index, [r for r, _ in chunk],
-                                    [t for _, t in chunk]))
+                lane.queue.append(_Batch(problem.item, index, [r for r, _ in chunk],
+                                         [t for _, t in chunk]))
                 problem.outstanding += 1
             return
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _pick(queue: list[_Batch], held: str | None, held_elsewhere: set[str]) -> _Batch:

@@ -3,8 +3,9 @@ record is made and written. Both backends measure through it; only it appends to
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,31 @@ class RunState:
                    if r.get("problem_id") == problem and r.get("round") == round_index - 1}
         return space.survivors(previous, results, self.spec.search.keep)
 
-    def new_progress(self, plans: list[ProblemPlan]) -> SweepProgress:
+    def progress_counts(self, plans: list[ProblemPlan]) -> tuple[int, int]:
+        """(total, done) for the progress display."""
         # Later halving rounds join the total as they start (their size depends on results).
         total = sum(len(p.candidates) for p in plans)
         done_round0 = sum(1 for r in self.done.values() if r.get("round", 0) == 0)
         done_later = len(self.done) - done_round0
-        return SweepProgress(total + done_later, done_round0 + done_later)
+        return total + done_later, done_round0 + done_later
+
+    def new_progress(self, plans: list[ProblemPlan]) -> SweepProgress:
+        return SweepProgress(*self.progress_counts(plans))
+
+
+@dataclasses.dataclass
+class KindRun:
+    """One device kind's share of a sweep: the state of its run folder and its problems."""
+
+    state: RunState
+    plans: list[ProblemPlan]
+
+    @property
+    def kind(self) -> str:
+        return self.state.run["device_kind"]
+
+
+def shared_progress(runs: Sequence[KindRun]) -> SweepProgress:
+    """One display counting the configs of every kind's run."""
+    counts = [run.state.progress_counts(run.plans) for run in runs]
+    return SweepProgress(sum(total for total, _ in counts), sum(done for _, done in counts))

@@ -130,6 +130,10 @@ def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise ReportError(f"{run_dir}: no such folder")
+    if (run_dir / run_files.KINDS_FILE).exists() and not is_run_folder(run_dir):
+        kinds = sorted(run_files.read_json(run_dir / run_files.KINDS_FILE).get("kinds", {}))
+        raise ReportError(f"{run_dir} holds one run folder per device kind ({', '.join(kinds)}); "
+                          f"report each of them: attnbench report {run_dir / '<kind>'}")
     if not is_run_folder(run_dir):
         raise ReportError(f"{run_dir} is not a run folder (it has neither {run_files.RUN_FILE} "
                           f"nor {run_files.LOG_FILE}); run `attnbench sweep` to make one")

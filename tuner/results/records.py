@@ -11,6 +11,14 @@
 Every record is written as one line and fsynced before the next config starts, so a
 ``kill -9`` loses at most the measurement in flight; a half-written last line is cut off
 when the log is opened again.
+
+A sweep over devices of several kinds (a mixed Ray cluster) makes one such run folder per
+kind under one parent, which `--resume` takes as a whole:
+
+    RUN/
+      kinds.json           sweep file name and hash, shard; each kind's folder and whether
+                           it is finished (its table written, its winners installed)
+      <kind>/              a run folder as above, for that kind's devices only
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ ENVIRONMENT_FILE = "environment.json"
 LOG_FILE = "measurements.jsonl"
 CSV_FILE = "measurements.csv"
 TABLE_FILE = "table.json"
+KINDS_FILE = "kinds.json"  # in the parent folder of a sweep over several device kinds
 
 STATUSES = ("ok", "wrong", "compile_error", "error", "timeout", "crashed", "skipped",
             "skipped_static")
