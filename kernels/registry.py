@@ -30,6 +30,7 @@ from .paged import reference as paged_reference
 from .paged import triton_paged as paged_triton
 from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
+from .paged_v3 import cpu_native as paged_v3_cpu_native
 from .paged_v3 import operator as paged_v3_operator
 from .paged_v3 import reference as paged_v3_reference
 from .paged_v3 import xla as paged_v3_xla
@@ -56,6 +57,7 @@ VARIANTS: tuple[Variant, ...] = (
     paged_v3_xla.VARIANT,
     decode_cpu_native.VARIANT,
     paged_cpu_native.VARIANT,
+    paged_v3_cpu_native.VARIANT,
     # Peers: other projects' kernels, gated and timed like ours (kernels/peers.py).
     decode_peer_jax_gpu.VARIANT,
     paged_peer_jax_gpu.VARIANT,
@@ -75,7 +77,7 @@ DEFAULT_VARIANT: dict[tuple[str, str], tuple[str, ...]] = {
     ("paged", "cpu"): ("cpu_native", "xla_decode"),
     ("paged", "gpu"): ("triton",),
     ("paged", "tpu"): ("pallas_tpu",),
-    ("paged_v3", "cpu"): ("xla",),
+    ("paged_v3", "cpu"): ("cpu_native", "xla"),
     ("paged_v3", "gpu"): ("xla",),
     ("paged_v3", "tpu"): ("xla",),
 }

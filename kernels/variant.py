@@ -45,6 +45,9 @@ class Variant:
     # For variants that need something only the running machine can tell (a library built on
     # first use): returns why the variant cannot run here, or None when it can.
     available: Callable[[], str | None] | None = None
+    # For variants that run only some shapes of their operator beyond features and dtype (a
+    # cache dtype, say): returns why it cannot run `shape`, or None when it can.
+    shape_support: Callable[[Any], str | None] | None = None
     # A kernel another project ships, wrapped to the operator's contract (kernels/peers.py).
     peer: PeerOrigin | None = None
     # For a kernel whose argument layout differs from the operator's: `convert_inputs(args)`
@@ -69,6 +72,10 @@ class Variant:
             return f"variant {self.name!r} does not support {', '.join(missing)}"
         if shape.dtype not in self.dtypes:
             return f"variant {self.name!r} does not support dtype {shape.dtype}"
+        if self.shape_support is not None:
+            refused = self.shape_support(shape)
+            if refused:
+                return f"variant {self.name!r} {refused}"
         if interpret and not self.interpretable:
             return f"variant {self.name!r} has no interpreter mode (interpret=True)"
         if not interpret and platform not in self.platforms:

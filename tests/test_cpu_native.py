@@ -310,6 +310,14 @@ HOSTILE = textwrap.dedent("""
                 np.array([ns], np.int32), variant="cpu_native", config=config,
                 sliding_window=(5, 0), sinks=np.zeros(H, f32))
             np.asarray(out)
+            # The same indices steer the v3 operator's in-place write of the new tokens.
+            cache = rng.standard_normal((P, ps, G, 2, 128), f32).astype(jnp.bfloat16)
+            new = rng.standard_normal((T, G, D), f32).astype(jnp.bfloat16)
+            out, cache = kernels.ragged_paged_attention_v3(
+                qp.astype(jnp.bfloat16), new, new, cache, np.array(ctx, np.int32), table,
+                np.array(qsl, np.int32), np.array([0, 0, ns], np.int32),
+                variant="cpu_native", config=config, sliding_window=(5, 0))
+            np.asarray(out), np.asarray(cache)
     print("hostile inputs done")
     """)
 
@@ -333,7 +341,8 @@ def test_a_sanitizer_build_finds_nothing_on_hostile_indices(tmp_path):
     assert "AddressSanitizer" not in output and "runtime error" not in output, output[-4000:]
     # The library that ran is the instrumented one.
     built = list((tmp_path / "cache").glob("*/libattnbench_native.so"))
-    assert len(built) == 1
-    assert "-fsanitize=address,undefined" in (built[0].parent / "command.txt").read_text()
-    assert "libasan" in subprocess.run(["ldd", str(built[0])], capture_output=True,
-                                       text=True).stdout
+    assert len(built) == 2  # the attention kernels and the v3 cache write
+    for library in built:
+        assert "-fsanitize=address,undefined" in (library.parent / "command.txt").read_text()
+        assert "libasan" in subprocess.run(["ldd", str(library)], capture_output=True,
+                                           text=True).stdout

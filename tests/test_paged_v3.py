@@ -197,3 +197,50 @@ def test_gate_catches_mutants_of_a_quantized_mixed_batch():
     catches = run_mutants(problem, seed=0)
     assert len(catches) >= 8
     assert all(c.caught for c in catches), [c for c in catches if not c.caught]
+
+
+# ---- the native CPU variant ---------------------------------------------------------------
+
+NATIVE_CASES = [("decode", "bfloat16", "all"), ("prefill", "float32", "all"),
+                ("mixed", "bfloat16", "none"), ("mixed", "float16", "all")]
+
+
+@pytest.mark.parametrize("batch,cache_dtype,feature_set", NATIVE_CASES)
+def test_cpu_native_matches_reference(batch, cache_dtype, feature_set):
+    index = NATIVE_CASES.index((batch, cache_dtype, feature_set))
+    problem = dataclasses.replace(BATCHES[batch], cache_dtype=cache_dtype,
+                                  **FEATURES[feature_set])
+    run_and_compare(problem, "cpu_native", seed=10 + index)
+
+
+def test_cpu_native_writes_a_donated_16_bit_cache_in_place_and_only_its_slots():
+    problem = _tiny(num_seqs=5, prefill_fraction=0.2, mixed_fraction=0.4, prefill_chunk=6)
+    args, kwargs = problem.make_inputs(4)
+    spare = jnp.asarray(np.random.default_rng(0).standard_normal(
+        (400,) + args[3].shape[1:]), args[3].dtype)
+    args = (*args[:3], jnp.concatenate([args[3], spare]), *args[4:])
+    _, expected = jax.jit(lambda *a: kernels.ragged_paged_attention_v3(
+        *a, variant="xla", **kwargs))(*args)
+
+    def call(*a):
+        return kernels.ragged_paged_attention_v3(*a, variant="cpu_native", **kwargs)
+
+    compiled = jax.jit(call, donate_argnums=3).lower(*args).compile()
+    cache_bytes = args[3].size * args[3].dtype.itemsize
+    assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes
+    pointer = args[3].unsafe_buffer_pointer()
+    _, updated = compiled(*args)
+    assert updated.unsafe_buffer_pointer() == pointer
+    assert np.array_equal(np.asarray(updated).view(np.uint16),
+                          np.asarray(expected).view(np.uint16))
+
+
+def test_cpu_native_leaves_quantized_caches_to_the_xla_variant():
+    from attnbench.kernels.lookup import choose
+
+    variant = registry.get_variant("paged_v3", "cpu_native")
+    shape = _tiny(cache_dtype="int8").shape(0)
+    assert "not int8" in variant.unsupported_reason(shape, "cpu", False)
+    assert choose(shape, platform="cpu").variant.name == "xla"
+    assert choose(_tiny(cache_dtype="bfloat16", head_dim=48).shape(0),
+                  platform="cpu").variant.name == "cpu_native"
