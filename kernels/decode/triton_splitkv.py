@@ -41,8 +41,10 @@ from ..tunables import (
 )
 from ..variant import Variant
 
-# The merge stage moves NUM_KV_SPLITS x D floats per program: a fixed small launch suffices.
+# The merge stage moves splits x D floats per program: a fixed small launch suffices.
 MERGE_NUM_WARPS = 4
+# Split counts up to this share one merge kernel (its padding splits cost masked loads only).
+MERGE_SPLITS_BUCKET = 16
 
 AT_LEAST_16 = Rule(lambda v: POWER_OF_TWO.check(v) and v >= MIN_DOT_SIZE,
                    f"a power of two >= {MIN_DOT_SIZE} (tl.dot's minimum block size)")
@@ -182,6 +184,7 @@ class LaunchPlan:
     partial_constants: dict[str, Any]
     partial_shapes: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) per output
     merge_grid: tuple[int, int]
+    merge_sizes: tuple[int, ...]  # (splits,)
     merge_constants: dict[str, Any]
     out_shape: tuple[tuple[int, ...], str]
     num_warps: int
@@ -219,7 +222,9 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
     )
     merge_constants = dict(
         HAS_SINKS=args.sinks is not None, Q_HEADS=q_heads, HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=padded_head_dim(head_dim), NUM_KV_SPLITS=splits,
+        HEAD_DIM_PADDED=padded_head_dim(head_dim),
+        # One bucket for the usual split counts, so that they share one merge kernel.
+        SPLITS_PADDED=max(MERGE_SPLITS_BUCKET, next_power_of_two(splits)),
     )
     return LaunchPlan(
         partial_grid=(batch, kv_heads * head_blocks, splits),
@@ -229,6 +234,7 @@ def launch_plan(args: DecodeArgs, config: TritonSplitKVConfig) -> LaunchPlan:
                         ((batch, q_heads, splits), "float32"),
                         ((batch, q_heads, splits), "float32")),
         merge_grid=(batch, q_heads),
+        merge_sizes=(splits,),
         merge_constants=merge_constants,
         out_shape=((batch, q_heads, head_dim), jnp.dtype(args.query.dtype).name),
         num_warps=config.num_warps,
@@ -242,7 +248,8 @@ def _run_two_stages(launch: Launch, plan: LaunchPlan, kernels, query, key, value
     partial = launch(partial_kernel, plan.partial_grid,
                      (query, key, value, start, end, *plan.partial_sizes),
                      plan.partial_shapes, plan.partial_constants, plan.num_warps, plan.num_stages)
-    (out,) = launch(merge_kernel, plan.merge_grid, (*partial, sinks), (plan.out_shape,),
+    (out,) = launch(merge_kernel, plan.merge_grid, (*partial, sinks, *plan.merge_sizes),
+                    (plan.out_shape,),
                     plan.merge_constants, MERGE_NUM_WARPS, 1)
     return out
 

@@ -118,31 +118,36 @@ def splitkv_partial_kernel(
 
 
 def splitkv_merge_kernel(
-    partial_out_ptr,  # f32 [B, Hq, NUM_KV_SPLITS, D]
-    partial_max_ptr,  # f32 [B, Hq, NUM_KV_SPLITS]
-    partial_sum_ptr,  # f32 [B, Hq, NUM_KV_SPLITS]
+    partial_out_ptr,  # f32 [B, Hq, splits, D]
+    partial_max_ptr,  # f32 [B, Hq, splits]
+    partial_sum_ptr,  # f32 [B, Hq, splits]
     sinks_ptr,  # f32 [Hq] (read only when HAS_SINKS)
+    num_kv_splits,  # a run-time value: every split count up to SPLITS_PADDED shares a kernel
     out_poisoned_ptr,  # unused: jax_triton passes an aliased input as its own pointer
     out_ptr,  # [B, Hq, D]
     HAS_SINKS: tl.constexpr,
     Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
-    NUM_KV_SPLITS: tl.constexpr,
+    SPLITS_PADDED: tl.constexpr,  # a power of two >= the split count
 ):
     """Stage 2: one program = (batch row, query head); merges the splits and the sink."""
     batch = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1)
     row = batch * Q_HEADS + q_head
-    split = tl.arange(0, NUM_KV_SPLITS)
+    split = tl.arange(0, SPLITS_PADDED)
+    split_is_real = split < num_kv_splits
     dim = tl.arange(0, HEAD_DIM_PADDED)
     dim_is_real = dim < HEAD_DIM
 
-    split_max = tl.load(partial_max_ptr + row * NUM_KV_SPLITS + split)
-    split_sum = tl.load(partial_sum_ptr + row * NUM_KV_SPLITS + split)
+    # Padding splits read as empty ones: max -inf (weight 0) and sum 0.
+    split_max = tl.load(partial_max_ptr + row * num_kv_splits + split, mask=split_is_real,
+                        other=float("-inf"))
+    split_sum = tl.load(partial_sum_ptr + row * num_kv_splits + split, mask=split_is_real,
+                        other=0.0)
     split_out = tl.load(
-        partial_out_ptr + (row * NUM_KV_SPLITS + split)[:, None] * HEAD_DIM + dim[None, :],
-        mask=dim_is_real[None, :], other=0.0)
+        partial_out_ptr + (row * num_kv_splits + split)[:, None] * HEAD_DIM + dim[None, :],
+        mask=split_is_real[:, None] & dim_is_real[None, :], other=0.0)
 
     row_max = tl.max(split_max, axis=0)
     if HAS_SINKS:
