@@ -32,6 +32,7 @@ from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
 from .paged_v3 import operator as paged_v3_operator
 from .paged_v3 import reference as paged_v3_reference
+from .paged_v3 import triton_paged as paged_v3_triton
 from .paged_v3 import xla as paged_v3_xla
 from .variant import Variant
 
@@ -54,6 +55,7 @@ VARIANTS: tuple[Variant, ...] = (
     paged_xla_decode.VARIANT,
     paged_v3_reference.VARIANT,
     paged_v3_xla.VARIANT,
+    paged_v3_triton.VARIANT,
     decode_cpu_native.VARIANT,
     paged_cpu_native.VARIANT,
     # Peers: other projects' kernels, gated and timed like ours (kernels/peers.py).
