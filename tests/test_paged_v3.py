@@ -61,37 +61,42 @@ def test_xla_float32_queries_and_mqa_with_padded_slots():
 
 
 # The Triton and Pallas TPU variants, interpreted: each cache dtype once, the three batch kinds
-# and both feature sets among them (interpreted runs are slow; the XLA cases above cross more).
-# The float8 case has one KV head (two padding slots per row) and every case D = 32 (96
-# padding lanes). Configs: the heuristic (Triton's runs prefill bands in a launch of their own
-# on the prefill and mixed batches) or the one named, to reach the other launch plan.
-KERNEL_CASES = [("decode", "float32", "all", {}), ("prefill", "int8", "none", {}),
-                ("mixed", "float8_e4m3fn", "all", {"kv_heads": 1}),
-                ("mixed", "bfloat16", "none", {})]
+# and both feature sets among them (interpreted runs are slow; the XLA cases above cross more),
+# on smaller batches still. One KV head: two padding slots per row in the float8 and int8
+# caches; D = 32: 96 padding lanes. Configs: the heuristic (Triton's runs the prefill bands in
+# a launch of their own on the prefill and mixed batches) or the one named, to reach the other
+# launch plan.
+_KERNEL_SIZES = dict(num_seqs=3, max_len=24, q_heads=2, kv_heads=1, padding_tokens=1)
+KERNEL_BATCHES = {
+    "decode": _tiny(**_KERNEL_SIZES),
+    "prefill": _tiny(**_KERNEL_SIZES, prefill_fraction=1.0, prefill_chunk=9),
+    "mixed": _tiny(**_KERNEL_SIZES, prefill_fraction=0.34, mixed_fraction=0.34, prefill_chunk=7),
+}
+KERNEL_CASES = [("decode", "float32", "all"), ("prefill", "int8", "none"),
+                ("mixed", "float8_e4m3fn", "all"), ("mixed", "bfloat16", "none")]
 KERNEL_CONFIGS = {
     ("triton", "mixed", "bfloat16"): dict(kv_pages_per_block=2, queries_per_block=8,
-                                          chunk_prefill_size=0),
+                                          kv_splits=2, chunk_prefill_size=0),
     ("pallas_tpu", "mixed", "bfloat16"): dict(pages_per_block=1, query_rows_per_block=16,
                                               chunk_prefill_size=32, vmem_limit_mib=32),
 }
 
 
-@pytest.mark.parametrize("variant", ["triton", "pallas_tpu"])
-@pytest.mark.parametrize("batch,cache_dtype,feature_set,geometry", KERNEL_CASES)
-def test_kernel_variants_match_reference_interpreted(variant, batch, cache_dtype, feature_set,
-                                                     geometry):
+@pytest.mark.parametrize("batch,cache_dtype,feature_set", KERNEL_CASES)
+def test_kernel_variants_match_reference_interpreted(batch, cache_dtype, feature_set):
     from checks import require_test_extra
 
-    if variant == "triton":
-        require_test_extra("triton", "torch")
-    index = [c[:3] for c in KERNEL_CASES].index((batch, cache_dtype, feature_set))
-    problem = dataclasses.replace(BATCHES[batch], cache_dtype=cache_dtype,
-                                  **FEATURES[feature_set], **geometry)
-    config = KERNEL_CONFIGS.get((variant, batch, cache_dtype))
-    if config is not None:
-        fields = registry.get_variant("paged_v3", variant).config_class(**config)
-        assert fields.invalid_reason(problem.shape(index)) is None
-    run_and_compare(problem, variant, config, seed=index, interpret=True)
+    require_test_extra("triton", "torch")
+    index = KERNEL_CASES.index((batch, cache_dtype, feature_set))
+    problem = dataclasses.replace(KERNEL_BATCHES[batch], cache_dtype=cache_dtype,
+                                  **FEATURES[feature_set])
+    # Both variants in one test: they share the reference's run (checks.run_and_compare).
+    for variant in ("triton", "pallas_tpu"):
+        config = KERNEL_CONFIGS.get((variant, batch, cache_dtype))
+        if config is not None:
+            fields = registry.get_variant("paged_v3", variant).config_class(**config)
+            assert fields.invalid_reason(problem.shape(index)) is None
+        run_and_compare(problem, variant, config, seed=index, interpret=True)
 
 
 def test_kernel_variant_configs_wrap_the_paged_rules():
@@ -142,35 +147,23 @@ def test_triton_float8_cache_compiles_before_sm_89():
     assert len(result.kernels) == 2
 
 
-@pytest.mark.parametrize("topology,cache_dtype", [("v5e:2x2", "float8_e4m3fn"),
-                                                  ("v6e:2x2", "int8")])
-def test_pallas_tpu_compiles_for_tpu_with_libtpu(topology, cache_dtype):
-    """The full Mosaic compile of the quantized kernel (scales traced, so read from SMEM; D = 64,
-    so padding lanes), on libtpu's compile-only devices: fails loudly without libtpu."""
+@pytest.mark.parametrize("target,cache_dtype", [("v5e", "float8_e4m3fn"), ("v6e", "int8")])
+def test_pallas_tpu_compiles_for_tpu_with_libtpu(target, cache_dtype):
+    """The full Mosaic compile of a quantized cache's kernels (scales from SMEM, D = 64 so
+    padding lanes, the prefill bands' launch, a raised VMEM limit), on libtpu's compile-only
+    devices: fails loudly without libtpu."""
     import libtpu  # noqa: F401
-    from jax.experimental import topologies
+    from attnbench.tuner.check import tpu_check
 
-    device = topologies.get_topology_desc(topology, "tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
     problem = PagedV3Problem(num_seqs=8, max_len=1024, q_heads=16, kv_heads=4, head_dim=64,
                              page_size=64, dtype="bfloat16", cache_dtype=cache_dtype,
                              prefill_fraction=0.25, prefill_chunk=128, sliding_window=256,
                              logits_soft_cap=30.0)
-    arrays, kwargs = problem.abstract_inputs()
-    config = dict(pages_per_block=4, query_rows_per_block=32, chunk_prefill_size=64,
-                  vmem_limit_mib=64)
-
-    def call(*a, k_scale, v_scale):
-        return kernels.ragged_paged_attention_v3(*a, variant="pallas_tpu", config=config,
-                                                 k_scale=k_scale, v_scale=v_scale,
-                                                 **{k: v for k, v in kwargs.items()
-                                                    if k not in ("k_scale", "v_scale")})
-
-    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in arrays]
-    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding)
-    with jax.default_device(device):
-        compiled = jax.jit(call).lower(*specs, k_scale=scale, v_scale=scale).compile()
-    assert "attnbench_paged_pallas_tpu" in compiled.as_text()
+    config = registry.get_variant("paged_v3", "pallas_tpu").config_class(
+        pages_per_block=4, query_rows_per_block=32, chunk_prefill_size=64, vmem_limit_mib=64)
+    assert config.invalid_reason(problem.shape(0)) is None
+    assert tpu_check.compile_program(problem, "pallas_tpu", config,
+                                     tpu_check.TPU_TARGETS[target]) == ""
 
 
 def _numpy_quantize(x: np.ndarray, scale, dtype: str) -> np.ndarray:

@@ -19,7 +19,9 @@ blocks are planned against.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from ..paged import pallas_tpu as paged_pallas_tpu
 from ..paged.inputs import PagedShape
 from ..paged.pallas_tpu import PallasTpuPagedConfig, heuristic as paged_heuristic, pallas_tpu_paged
 from ..tpu_limits import MiB, VMEM_SAFETY_FRACTION, block_dtype, sublane_tile
@@ -31,6 +33,9 @@ from .inputs import PagedV3Args, PagedV3Shape
 from .reference import as_paged_args
 
 CHUNK_PREFILL_SIZES = (0, 16, 32, 64, 128, 256)
+# The in-kernel pieces this variant runs through the paged variant's module, so that its tuned
+# entries go stale with them (kernels/fingerprint.py).
+KERNEL_SOURCES = (str(Path(paged_pallas_tpu.__file__).parent.parent / "pallas_tpu_common.py"),)
 # v5e and v6e have 128 MiB of VMEM; the compiler grants 16 (v5e) or 32 (v6e) by default.
 VMEM_LIMITS_MIB = (0, 32, 64, 96)
 

@@ -19,6 +19,7 @@ and mixed bands (``[d0, d2)``) run as two launches of the kernel, the first with
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,11 @@ from .reference import as_paged_args
 from .xla import paged_shape
 
 CHUNK_PREFILL_SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
+# The kernel bodies and launch code this variant runs through the paged variant's module, so
+# that its tuned entries go stale with them (kernels/fingerprint.py).
+_KERNELS_DIR = Path(triton_paged.__file__).parent
+KERNEL_SOURCES = (str(_KERNELS_DIR / "triton_paged_kernels.py"),
+                  str(_KERNELS_DIR.parent / "triton_launch.py"))
 
 
 def as_paged_shape(shape: PagedV3Shape | PagedShape) -> PagedShape:
