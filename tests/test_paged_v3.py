@@ -122,6 +122,24 @@ def test_kernel_variant_configs_wrap_the_paged_rules():
         pallas_tpu.PallasTpuV3Config(chunk_prefill_size=24)
 
 
+def test_kernel_heuristics_are_valid_everywhere():
+    import itertools
+
+    from attnbench.kernels.paged_v3.inputs import PagedV3Shape
+
+    for variant in ("triton", "pallas_tpu"):
+        heuristic = registry.get_variant("paged_v3", variant).heuristic
+        for tokens, seqs, pages, page_size, (q_heads, kv_heads), head_dim, dtype, stored in (
+                itertools.product((1, 64, 1000), (1, 64), (1, 512), (8, 16, 64),
+                                  ((8, 1), (32, 8), (64, 8)), (64, 256),
+                                  ("bfloat16", "float32", "float16"), cache.CACHE_PACKING)):
+            shape = PagedV3Shape(num_tokens=tokens, max_seqs=seqs, pages_per_seq=pages,
+                                 page_size=page_size, num_pages=seqs * pages, q_heads=q_heads,
+                                 kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                                 cache_dtype=stored)
+            assert heuristic(shape).invalid_reason(shape) is None, (variant, shape)
+
+
 def test_kernel_variants_are_the_accelerator_defaults():
     assert registry.default_variant_name("paged_v3", "gpu") == "triton"
     assert registry.default_variant_name("paged_v3", "tpu") == "pallas_tpu"

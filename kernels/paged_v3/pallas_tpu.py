@@ -126,7 +126,11 @@ class PallasTpuV3Config(PallasTpuPagedConfig):
 def heuristic(shape: PagedV3Shape) -> PallasTpuV3Config:
     """The v2 kernel's default (one launch: a query block holds rows of any sequences, so
     decode rows fill it without a band of their own) under the default VMEM limit."""
-    return PallasTpuV3Config(**paged_heuristic(kernel_shape(shape)).to_dict())
+    config = PallasTpuV3Config(**paged_heuristic(kernel_shape(shape)).to_dict())
+    # A 16-bit cache beside 32-bit queries stacks pages by its own, taller tile.
+    while config.invalid_reason(shape) and config.pages_per_block > 1:
+        config = config.replace(pages_per_block=config.pages_per_block // 2)
+    return config
 
 
 def ragged_paged_attention_v3_pallas_tpu(args: PagedV3Args, config: PallasTpuV3Config, *,
