@@ -32,7 +32,9 @@ from .paged import xla_blocked as paged_xla_blocked
 from .paged import xla_decode as paged_xla_decode
 from .paged_v3 import cpu_native as paged_v3_cpu_native
 from .paged_v3 import operator as paged_v3_operator
+from .paged_v3 import pallas_tpu as paged_v3_pallas_tpu
 from .paged_v3 import reference as paged_v3_reference
+from .paged_v3 import triton_paged as paged_v3_triton
 from .paged_v3 import xla as paged_v3_xla
 from .variant import Variant
 
@@ -55,6 +57,8 @@ VARIANTS: tuple[Variant, ...] = (
     paged_xla_decode.VARIANT,
     paged_v3_reference.VARIANT,
     paged_v3_xla.VARIANT,
+    paged_v3_triton.VARIANT,
+    paged_v3_pallas_tpu.VARIANT,
     decode_cpu_native.VARIANT,
     paged_cpu_native.VARIANT,
     paged_v3_cpu_native.VARIANT,
@@ -78,8 +82,8 @@ DEFAULT_VARIANT: dict[tuple[str, str], tuple[str, ...]] = {
     ("paged", "gpu"): ("triton",),
     ("paged", "tpu"): ("pallas_tpu",),
     ("paged_v3", "cpu"): ("cpu_native", "xla"),
-    ("paged_v3", "gpu"): ("xla",),
-    ("paged_v3", "tpu"): ("xla",),
+    ("paged_v3", "gpu"): ("triton",),
+    ("paged_v3", "tpu"): ("pallas_tpu",),
 }
 
 OPERATOR_NAMES = tuple(operator.name for operator in OPERATORS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -26,6 +27,16 @@ def require_test_extra(*modules: str) -> None:
                               f"(pip install -e '.[test]')") from error
 
 
+@functools.lru_cache(maxsize=4)
+def _reference_result(problem, seed: int):
+    """The reference's (output, extra outputs) on `problem`'s inputs of `seed` (deterministic),
+    kept for the next variant run on the same inputs: its compile is most of a tiny case."""
+    args, kwargs = problem.make_inputs(seed)
+    spec = get_operator(problem.op)
+    return spec.split_result(
+        jax.jit(lambda *a: spec.function(*a, variant="reference", **kwargs))(*args))
+
+
 def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret: bool = False,
                     jit: bool = True):
     """Runs `variant` (with `config`, or its heuristic default) on fresh inputs of `problem`
@@ -39,8 +50,7 @@ def run_and_compare(problem, variant: str, config=None, *, seed: int, interpret:
         return operator(*a, variant=variant, config=config_dict, interpret=interpret, **kwargs)
 
     out, extras = spec.split_result(jax.block_until_ready((jax.jit(call) if jit else call)(*args)))
-    reference, reference_extras = spec.split_result(
-        jax.jit(lambda *a: operator(*a, variant="reference", **kwargs))(*args))
+    reference, reference_extras = _reference_result(problem, seed)
     # The sweep's own judgement, padding rows (exact zeros) included, extra outputs (an
     # updated cache) bit for bit.
     accuracy = judge(out, reference, problem.dtype, zero_rows=spec.zero_rows(args),

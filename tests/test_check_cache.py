@@ -90,7 +90,10 @@ def test_a_parallel_check_fills_the_cache_and_a_second_check_compiles_nothing(tm
     assert all(row["status"] == "ok" and int(row["registers_per_thread"]) > 0 for row in cold)
     assert any("0 are cached" in line for line in lines)
     files = sorted(cache.rglob("*.json"))
-    assert len(files) == len(cuda_check.gpu_kernel_variants())
+    # A file per variant that compiled a kernel of its own: the v3 Triton variant's first
+    # config launches the paged kernel the paged Triton variant's first config compiled.
+    stems = {f"{v.op}-{v.name}" for v in cuda_check.gpu_kernel_variants()}
+    assert {file.name.rsplit("-", 1)[0] for file in files} == stems - {"paged_v3-triton"}
 
     def no_compiles(*args, **kwargs):
         raise AssertionError("a cached kernel was compiled again")

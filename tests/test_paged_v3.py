@@ -1,5 +1,6 @@
-"""ragged_paged_attention_v3: its XLA variant against the reference (output judged, cache bit
-for bit), the cache write against a NumPy restatement, in-place update under donation,
+"""ragged_paged_attention_v3: its XLA, Triton and Pallas TPU variants against the reference
+(output judged, cache bit for bit; the kernels interpreted, and compiled for CUDA and TPU
+targets), the cache write against a NumPy restatement, in-place update under donation,
 argument and value checks, and its table keys."""
 
 from __future__ import annotations
@@ -57,6 +58,130 @@ def test_xla_float32_queries_and_mqa_with_padded_slots():
     problem = _tiny(dtype="float32", kv_heads=1, head_dim=24, cache_dtype="float8_e4m3fn",
                     mixed_fraction=0.5, prefill_chunk=5, sliding_window=6)
     run_and_compare(problem, "xla", seed=3)
+
+
+# The Triton and Pallas TPU variants, interpreted: each cache dtype once, the three batch kinds
+# and both feature sets among them (interpreted runs are slow; the XLA cases above cross more),
+# on smaller batches still. One KV head: two padding slots per row in the float8 and int8
+# caches; D = 32: 96 padding lanes. Configs: the heuristic (Triton's runs the prefill bands in
+# a launch of their own on the prefill and mixed batches) or the one named, to reach the other
+# launch plan.
+_KERNEL_SIZES = dict(num_seqs=3, max_len=24, q_heads=2, kv_heads=1, padding_tokens=1)
+KERNEL_BATCHES = {
+    "decode": _tiny(**_KERNEL_SIZES),
+    "prefill": _tiny(**_KERNEL_SIZES, prefill_fraction=1.0, prefill_chunk=9),
+    "mixed": _tiny(**_KERNEL_SIZES, prefill_fraction=0.34, mixed_fraction=0.34, prefill_chunk=7),
+}
+KERNEL_CASES = [("decode", "float32", "all"), ("prefill", "int8", "none"),
+                ("mixed", "float8_e4m3fn", "all"), ("mixed", "bfloat16", "none")]
+KERNEL_CONFIGS = {
+    ("triton", "mixed", "bfloat16"): dict(kv_pages_per_block=2, queries_per_block=8,
+                                          kv_splits=2, chunk_prefill_size=0),
+    ("pallas_tpu", "mixed", "bfloat16"): dict(pages_per_block=1, query_rows_per_block=16,
+                                              chunk_prefill_size=32, vmem_limit_mib=32),
+}
+
+
+@pytest.mark.parametrize("batch,cache_dtype,feature_set", KERNEL_CASES)
+def test_kernel_variants_match_reference_interpreted(batch, cache_dtype, feature_set):
+    from checks import require_test_extra
+
+    require_test_extra("triton", "torch")
+    index = KERNEL_CASES.index((batch, cache_dtype, feature_set))
+    problem = dataclasses.replace(KERNEL_BATCHES[batch], cache_dtype=cache_dtype,
+                                  **FEATURES[feature_set])
+    # Both variants in one test: they share the reference's run (checks.run_and_compare).
+    for variant in ("triton", "pallas_tpu"):
+        config = KERNEL_CONFIGS.get((variant, batch, cache_dtype))
+        if config is not None:
+            fields = registry.get_variant("paged_v3", variant).config_class(**config)
+            assert fields.invalid_reason(problem.shape(index)) is None
+        run_and_compare(problem, variant, config, seed=index, interpret=True)
+
+
+def test_kernel_variant_configs_wrap_the_paged_rules():
+    from attnbench.kernels.paged_v3 import pallas_tpu, triton_paged
+
+    shape = _tiny().shape(0)
+    triton = triton_paged.TritonV3Config(kv_pages_per_block=2, queries_per_block=8)
+    assert triton.invalid_reason(shape) is None
+    # The v2 rules speak for the v3 config: 4 x 2 tile rows are too few for a dot.
+    assert "tl.dot's minimum" in triton.replace(queries_per_block=4).invalid_reason(shape)
+    assert "with chunk_prefill_size = 1" in triton.replace(chunk_prefill_size=1).invalid_reason(
+        shape)
+    assert triton.replace(chunk_prefill_size=16).prefill_config() == (
+        triton.attention_config().replace(queries_per_block=16, kv_splits=1))
+    tpu = pallas_tpu.PallasTpuV3Config(pages_per_block=1, query_rows_per_block=16)
+    assert tpu.invalid_reason(shape) is None
+    assert "sublane tile" in tpu.replace(query_rows_per_block=24).invalid_reason(shape)
+    # A raised VMEM limit raises the budget its blocks are planned against.
+    assert tpu.replace(vmem_limit_mib=64).vmem_budget_bytes() > tpu.vmem_budget_bytes()
+    assert tpu.replace(vmem_limit_mib=64).vmem_limit_bytes() == 64 * 2**20
+    assert tpu.vmem_limit_bytes() is None
+    with pytest.raises(ValueError, match="chunk_prefill_size must be one of"):
+        pallas_tpu.PallasTpuV3Config(chunk_prefill_size=24)
+
+
+def test_kernel_heuristics_are_valid_everywhere():
+    import itertools
+
+    from attnbench.kernels.paged_v3.inputs import PagedV3Shape
+
+    for variant in ("triton", "pallas_tpu"):
+        heuristic = registry.get_variant("paged_v3", variant).heuristic
+        for tokens, seqs, pages, page_size, (q_heads, kv_heads), head_dim, dtype, stored in (
+                itertools.product((1, 64, 1000), (1, 64), (1, 512), (8, 16, 64),
+                                  ((8, 1), (32, 8), (64, 8)), (64, 256),
+                                  ("bfloat16", "float32", "float16"), cache.CACHE_PACKING)):
+            shape = PagedV3Shape(num_tokens=tokens, max_seqs=seqs, pages_per_seq=pages,
+                                 page_size=page_size, num_pages=seqs * pages, q_heads=q_heads,
+                                 kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                                 cache_dtype=stored)
+            assert heuristic(shape).invalid_reason(shape) is None, (variant, shape)
+
+
+def test_kernel_variants_are_the_accelerator_defaults():
+    assert registry.default_variant_name("paged_v3", "gpu") == "triton"
+    assert registry.default_variant_name("paged_v3", "tpu") == "pallas_tpu"
+    assert registry.default_variant_name("paged_v3", "cpu") == "xla"
+
+
+def test_triton_float8_cache_compiles_before_sm_89():
+    """float8 caches reach the Triton kernel as their bits (Triton's own fp8 type needs sm_89),
+    so an A100 compiles them; the prefill bands' launch is one more kernel."""
+    from checks import require_test_extra
+
+    require_test_extra("jax_triton", "triton")
+    from attnbench.tuner.check import cuda_check
+
+    problem = PagedV3Problem(num_seqs=4, max_len=512, q_heads=32, kv_heads=8, head_dim=128,
+                             page_size=16, dtype="bfloat16", cache_dtype="float8_e4m3fn",
+                             prefill_fraction=0.25, mixed_fraction=0.25, prefill_chunk=64,
+                             sinks=True)
+    config = registry.get_variant("paged_v3", "triton").config_class(
+        kv_pages_per_block=4, queries_per_block=4, chunk_prefill_size=16)
+    result = cuda_check.check_config(problem, "triton", config, cuda_check.parse_target("sm_80"))
+    assert result.status == "ok", result.reason
+    assert len(result.kernels) == 2
+
+
+@pytest.mark.parametrize("target,cache_dtype", [("v5e", "float8_e4m3fn"), ("v6e", "int8")])
+def test_pallas_tpu_compiles_for_tpu_with_libtpu(target, cache_dtype):
+    """The full Mosaic compile of a quantized cache's kernels (scales from SMEM, D = 64 so
+    padding lanes, the prefill bands' launch, a raised VMEM limit), on libtpu's compile-only
+    devices: fails loudly without libtpu."""
+    import libtpu  # noqa: F401
+    from attnbench.tuner.check import tpu_check
+
+    problem = PagedV3Problem(num_seqs=8, max_len=1024, q_heads=16, kv_heads=4, head_dim=64,
+                             page_size=64, dtype="bfloat16", cache_dtype=cache_dtype,
+                             prefill_fraction=0.25, prefill_chunk=128, sliding_window=256,
+                             logits_soft_cap=30.0)
+    config = registry.get_variant("paged_v3", "pallas_tpu").config_class(
+        pages_per_block=4, query_rows_per_block=32, chunk_prefill_size=64, vmem_limit_mib=64)
+    assert config.invalid_reason(problem.shape(0)) is None
+    assert tpu_check.compile_program(problem, "pallas_tpu", config,
+                                     tpu_check.TPU_TARGETS[target]) == ""
 
 
 def _numpy_quantize(x: np.ndarray, scale, dtype: str) -> np.ndarray:

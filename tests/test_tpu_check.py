@@ -21,13 +21,13 @@ def test_sweep_configs_compile_report_vmem_and_a_second_check_compiles_nothing(t
     rows = tpu_static_check.run_check(sweep, [V5E], tmp_path / "a.csv", limit=1, jobs=1,
                                       cache_dir=cache, echo=lines.append)
     assert {(r["problem"].split()[0], r["variant"]) for r in rows} == {
-        ("decode", "pallas_tpu"), ("paged", "pallas_tpu")}
+        ("decode", "pallas_tpu"), ("paged", "pallas_tpu"), ("paged_v3", "pallas_tpu")}
     for row in rows:
         assert row["status"] == "ok", row["reason"]
         assert 0 < row["vmem_bytes"] < row["vmem_budget_bytes"] == 16 * 2**20
         assert row["vmem_source"] == "kernel estimate"
     assert any("VMEM ~" in line and "kernel estimate" in line for line in lines)
-    assert len(list(cache.rglob("*.json"))) == 2  # one file per (op, variant)
+    assert len(list(cache.rglob("*.json"))) == 3  # one file per (op, variant)
 
     def no_compiles(*args, **kwargs):
         raise AssertionError("a cached program was compiled again")

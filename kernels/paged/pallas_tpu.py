@@ -63,11 +63,15 @@ class PallasTpuPagedConfig(KernelConfig):
             return (f"pages_per_block {self.pages_per_block} > 1 needs page_size "
                     f"({shape.page_size}) to be a multiple of the {tile}-row sublane tile of "
                     f"{shape.dtype}")
-        need, budget = paged_vmem_bytes(self, shape), vmem_budget_bytes()
+        need, budget = paged_vmem_bytes(self, shape), self.vmem_budget_bytes()
         if need > budget:
             return (f"needs ~{need / MiB:.1f} MiB of VMEM, more than the {budget / MiB:.1f} MiB "
                     "budget of this target")
         return None
+
+    def vmem_budget_bytes(self) -> int:
+        """The VMEM this config may plan for (a config that raises the limit plans for more)."""
+        return vmem_budget_bytes()
 
     def vmem_estimate_bytes(self, shape: PagedShape) -> int:
         """This kernel's own estimate of the VMEM it needs (what the check reports: Mosaic's
@@ -185,7 +189,8 @@ def work_list(args: PagedArgs, query_rows: int, kv_rows: int, num_kv_blocks: int
 
 def _paged_kernel(work_ref, table_ref, query_ref, *refs, pages_per_block: int,
                   query_rows: int, kv_rows: int, softmax_scale: float,
-                  soft_cap: float | None, window_left: int | None, has_sinks: bool):
+                  soft_cap: float | None, window_left: int | None, has_sinks: bool,
+                  has_kv_scales: bool, head_dim: int):
     from jax.experimental import pallas as pl
 
     key_refs = refs[:pages_per_block]
@@ -193,6 +198,7 @@ def _paged_kernel(work_ref, table_ref, query_ref, *refs, pages_per_block: int,
     rest = refs[2 * pages_per_block:]
     row_ref = rest[0]
     sinks_ref = rest[1] if has_sinks else None
+    scales_ref = rest[1 + has_sinks] if has_kv_scales else None
     out_ref, m_ref, l_ref, acc_ref = rest[-4:]  # the poisoned alias input sits before them
 
     item, kv_block = pl.program_id(1), pl.program_id(2)
@@ -210,12 +216,28 @@ def _paged_kernel(work_ref, table_ref, query_ref, *refs, pages_per_block: int,
     def _accumulate():
         groups, rows, dim = query_ref.shape
         query = query_ref[...].reshape(groups * rows, dim)
+
+        def load(ref):
+            block = ref[...]
+            if block.dtype.itemsize == 1:
+                # float8/int8 values are exact in the queries' dtype (via float32: Mosaic
+                # widens 8-bit types to 32 bits only).
+                block = block.astype(jnp.float32).astype(query.dtype)
+            return block
+
         if pages_per_block == 1:
-            keys, values = key_refs[0][...], value_refs[0][...]
+            keys, values = load(key_refs[0]), load(value_refs[0])
         else:
-            keys = jnp.concatenate([r[...] for r in key_refs], axis=0)
-            values = jnp.concatenate([r[...] for r in value_refs], axis=0)
-        scores = scores_of(query, keys, softmax_scale, soft_cap)
+            keys = jnp.concatenate([load(r) for r in key_refs], axis=0)
+            values = jnp.concatenate([load(r) for r in value_refs], axis=0)
+        if dim > head_dim:
+            # Padding lanes of the cache may hold anything; the query's are zero.
+            lane = jax.lax.broadcasted_iota(jnp.int32, (1, dim), 1)
+            keys = jnp.where(lane < head_dim, keys, jnp.zeros_like(keys))
+        scale = softmax_scale
+        if has_kv_scales:
+            scale = scales_ref[0] * softmax_scale
+        scores = scores_of(query, keys, scale, soft_cap)
         row = field(QUERY_BLOCK) * query_rows + row_ref[...]  # [G * rows, 1]
         position = row + field(POSITION_OFFSET)
         key = kv_block * kv_rows + jax.lax.broadcasted_iota(jnp.int32, (1, kv_rows), 1)
@@ -234,18 +256,29 @@ def _paged_kernel(work_ref, table_ref, query_ref, *refs, pages_per_block: int,
     def _finish():
         sinks = None if sinks_ref is None else sinks_ref[...]
         out = finish_softmax(m_ref, l_ref, acc_ref, sinks)
+        if has_kv_scales:
+            out = out * scales_ref[1]
         out_ref[...] = out.reshape(out_ref.shape).astype(out_ref.dtype)
 
 
 def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
-                     interpret: bool = False) -> jax.Array:
-    """ragged_paged_attention on TPU (or in TPU interpret mode). Returns [T, Hq, D]."""
+                     interpret: bool = False, kv_scales: jax.Array | None = None,
+                     kv_heads: int | None = None,
+                     vmem_limit_bytes: int | None = None) -> jax.Array:
+    """ragged_paged_attention on TPU (or in TPU interpret mode). Returns [T, Hq, D].
+
+    kv_pages may be float8_e4m3fn or int8 (widened in the kernel to the queries' dtype), with
+    kv_scales f32 [2] = (key scale, value scale) multiplying the logits and the output.
+    kv_heads: Hkv when kv_pages has padding slots (more than 2 * Hkv) or padding lanes (a
+    lane count, a multiple of 128, above D); None: none. vmem_limit_bytes: Mosaic's scoped
+    VMEM limit (None: the compiler's default).
+    """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
     num_tokens, q_heads, head_dim = args.queries.shape
-    num_pages, page_size, combined_heads, _ = args.kv_pages.shape
-    kv_heads = combined_heads // 2
+    num_pages, page_size, combined_heads, kv_lanes = args.kv_pages.shape
+    kv_heads = combined_heads // 2 if kv_heads is None else kv_heads
     group = q_heads // kv_heads
     max_seqs, pages_per_seq = args.page_table.shape
     pages, query_rows = config.pages_per_block, config.query_rows_per_block
@@ -268,12 +301,12 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
         return jnp.clip(table_ref[seq * pages_per_seq + logical], 0, num_pages - 1)
 
     kv = args.kv_pages.astype(block_dtype(args.kv_pages.dtype))
-    if head_dim % LANES == 0:
-        kv = kv.reshape(num_pages, page_size, combined_heads * head_dim)
+    if kv_lanes % LANES == 0:
+        kv = kv.reshape(num_pages, page_size, combined_heads * kv_lanes)
 
         def kv_spec(index, part):
             return pl.BlockSpec(
-                (None, page_size, head_dim),
+                (None, page_size, kv_lanes),
                 lambda h, i, kb, work_ref, table_ref: (
                     page_of(i, kb, work_ref, table_ref, index), 0, 2 * h + part))
     else:
@@ -281,17 +314,20 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
 
         def kv_spec(index, part):
             return pl.BlockSpec(
-                (None, None, page_size, head_dim),
+                (None, None, page_size, kv_lanes),
                 lambda h, i, kb, work_ref, table_ref: (
                     page_of(i, kb, work_ref, table_ref, index), 2 * h + part, 0, 0))
 
-    dtype = query_block_dtype(args.queries.dtype, args.kv_pages.dtype)
+    if jnp.dtype(args.kv_pages.dtype).itemsize == 1:
+        dtype = block_dtype(args.queries.dtype)
+    else:
+        dtype = query_block_dtype(args.queries.dtype, args.kv_pages.dtype)
     queries = jnp.pad(args.queries.astype(dtype),
-                      ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
-    queries = jnp.transpose(queries.reshape(padded_tokens, kv_heads, group, head_dim),
+                      ((0, padded_tokens - num_tokens), (0, 0), (0, kv_lanes - head_dim)))
+    queries = jnp.transpose(queries.reshape(padded_tokens, kv_heads, group, kv_lanes),
                             (1, 2, 0, 3))
     head_spec = pl.BlockSpec(
-        (None, group, query_rows, head_dim),
+        (None, group, query_rows, kv_lanes),
         lambda h, i, kb, work_ref, table_ref: (h, 0, work_ref[i * NUM_FIELDS + QUERY_BLOCK], 0))
     row_in_block = jnp.tile(jnp.arange(query_rows, dtype=jnp.int32), group)[:, None]
 
@@ -304,8 +340,11 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
         operands.append(sinks[..., None])
         in_specs.append(pl.BlockSpec((None, group * query_rows, 1),
                                      lambda h, i, kb, w, t: (h, 0, 0)))
+    if kv_scales is not None:
+        operands.append(jnp.asarray(kv_scales, jnp.float32).reshape(2))
+        in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     # NaN-filled output buffer: any element the kernel fails to write stays NaN.
-    out_shape = (kv_heads, group, padded_tokens, head_dim)
+    out_shape = (kv_heads, group, padded_tokens, kv_lanes)
     # Per shard (shard_map), the buffer and the output vary over the axes the inputs do.
     operands.append(vary_like(jnp.full(out_shape, jnp.nan, dtype), work, table, operands))
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
@@ -313,7 +352,8 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
     kernel = functools.partial(
         _paged_kernel, pages_per_block=pages, query_rows=query_rows, kv_rows=kv_rows,
         softmax_scale=args.softmax_scale, soft_cap=args.logits_soft_cap,
-        window_left=args.window_left, has_sinks=args.sinks is not None)
+        window_left=args.window_left, has_sinks=args.sinks is not None,
+        has_kv_scales=kv_scales is not None, head_dim=head_dim)
     rows = group * query_rows
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -322,7 +362,7 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
         out_specs=head_spec,
         scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32),
                         pltpu.VMEM((rows, 1), jnp.float32),
-                        pltpu.VMEM((rows, head_dim), jnp.float32)],
+                        pltpu.VMEM((rows, kv_lanes), jnp.float32)],
     )
     out = pl.pallas_call(
         kernel,
@@ -332,11 +372,12 @@ def pallas_tpu_paged(args: PagedArgs, config: PallasTpuPagedConfig, *,
         input_output_aliases={2 + len(operands) - 1: 0},
         # Work items of one query block share its output block and scratch: sequential.
         compiler_params=tpu_compiler_params(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+            **({} if vmem_limit_bytes is None else {"vmem_limit_bytes": vmem_limit_bytes})),
         interpret=interpret_params(interpret),
         name="attnbench_paged_pallas_tpu",
     )(work, table, *operands)
-    out = jnp.transpose(out, (2, 0, 1, 3))[:num_tokens]
+    out = jnp.transpose(out, (2, 0, 1, 3))[:num_tokens, :, :, :head_dim]
     return out.reshape(num_tokens, q_heads, head_dim)
 
 

@@ -247,10 +247,11 @@ class LaunchPlan:
     num_stages: int
 
 
-def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
+def launch_plan(args: PagedArgs, config: TritonPagedConfig, has_kv_scales: bool = False,
+                kv_heads: int | None = None) -> LaunchPlan:
     num_tokens, q_heads, head_dim = args.queries.shape
-    num_pages, page_size, combined_heads, _ = args.kv_pages.shape
-    kv_heads = combined_heads // 2
+    num_pages, page_size, kv_slots, kv_lanes = args.kv_pages.shape
+    kv_heads = kv_slots // 2 if kv_heads is None else kv_heads
     max_seqs, pages_per_seq = args.page_table.shape
     group_size = q_heads // kv_heads
     queries = config.queries_per_block
@@ -265,9 +266,11 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
         HAS_SOFT_CAP=args.logits_soft_cap is not None,
         SOFT_CAP=1.0 if args.logits_soft_cap is None else float(args.logits_soft_cap),
         HAS_SINKS=has_sinks,
+        HAS_KV_SCALES=has_kv_scales,
         PAGE_SIZE=page_size, Q_HEADS=q_heads, GROUP_SIZE=group_size,
         GROUP_PADDED=next_power_of_two(group_size), HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=padded_head_dim(head_dim), QUERIES_PER_BLOCK=queries,
+        HEAD_DIM_PADDED=padded_head_dim(head_dim), KV_SLOTS=kv_slots, KV_LANES=kv_lanes,
+        QUERIES_PER_BLOCK=queries,
         KV_TOKENS_PER_BLOCK=kv_tokens,
         KV_BLOCK=next_power_of_two(kv_tokens),
         SPLIT_PARTIALS=splits > 1,
@@ -302,11 +305,11 @@ def launch_plan(args: PagedArgs, config: TritonPagedConfig) -> LaunchPlan:
 
 
 def _run(launch: Launch, plan: LaunchPlan, kernels, queries, kv_pages, context_lens, page_table,
-         query_start_loc, num_seqs, sinks):
+         query_start_loc, num_seqs, sinks, kv_scales):
     attention_kernel, combine_kernel = kernels
     outputs = launch(attention_kernel, plan.attention_grid,
                      (queries, kv_pages, context_lens, page_table, query_start_loc, num_seqs,
-                      sinks, *plan.attention_sizes),
+                      sinks, kv_scales, *plan.attention_sizes),
                      plan.attention_outputs, plan.attention_constants, plan.num_warps,
                      plan.num_stages)
     if plan.combine_grid is None:
@@ -320,17 +323,27 @@ def _run(launch: Launch, plan: LaunchPlan, kernels, queries, kv_pages, context_l
 
 def ragged_paged_attention_triton(args: PagedArgs, config: TritonPagedConfig, *,
                                   interpret: bool = False,
-                                  compute_capability: int | None = None) -> jax.Array:
+                                  compute_capability: int | None = None,
+                                  kv_scales: jax.Array | None = None,
+                                  kv_heads: int | None = None) -> jax.Array:
     """Triton ragged paged attention. Returns [T, Hq, D] in the queries' dtype.
+
+    kv_scales: f32 [2], (key scale, value scale) of a quantized cache; the kernel multiplies
+    the logits by the first and the output by the second.
+    kv_heads: Hkv when `args.kv_pages` has padding slots (more than 2 * Hkv) or lanes (more
+    than D) past the ones it reads; None: none.
 
     interpret: run the same kernels under Triton's CPU interpreter (through a pure_callback).
     compute_capability: the GPU to compile for (e.g. 90); None asks the local GPU. Giving it
     lets a CPU-only host lower the kernel for CUDA (jax.export with platforms=["cuda"]).
     """
-    plan = launch_plan(args, config)
+    plan = launch_plan(args, config, has_kv_scales=kv_scales is not None, kv_heads=kv_heads)
     sinks = args.sinks if args.sinks is not None else jnp.zeros((1,), jnp.float32)
+    if kv_scales is None:
+        kv_scales = jnp.ones((2,), jnp.float32)
     arrays = (args.queries, args.kv_pages, args.context_lens, args.page_table,
-              args.query_start_loc, args.num_seqs.reshape(1), sinks)
+              args.query_start_loc, args.num_seqs.reshape(1), sinks,
+              jnp.asarray(kv_scales, jnp.float32).reshape(2))
     from .triton_paged_kernels import compiled_kernels
 
     if not interpret:

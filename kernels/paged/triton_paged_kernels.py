@@ -25,16 +25,25 @@ from ..triton_launch import jit_kernel
 
 # log2(e) as a constexpr: Triton kernels may only read globals that are constexprs.
 LOG2_E = tl.constexpr(1.4426950408889634)
+# float8_e4m3fn caches arrive as their uint8 bits and are decoded with integer ops, which every
+# GPU generation and the interpreter run (Triton's own fp8 type needs sm_89 or later):
+# exponent bias 7 (float32's 127 - 120), 3 mantissa bits (float32's 23 - 20), subnormals
+# mantissa * 2^-9, and all-ones exponent and mantissa NaN (the format has no infinity).
+E4M3_TO_F32_EXPONENT = tl.constexpr(120)
+E4M3_SUBNORMAL_UNIT = tl.constexpr(0.001953125)
 
 
 def paged_attention_kernel(
     queries_ptr,  # [T, Hq, D]
-    kv_pages_ptr,  # [P, page_size, 2 * Hkv, D]: key of head g at 2g, value at 2g + 1
+    kv_pages_ptr,  # [P, page_size, KV_SLOTS, KV_LANES]: key of head g at slot 2g, value at
+    # 2g + 1, lanes 0..D-1 (slots and lanes past those are padding, never read); a float
+    # dtype, int8, or uint8 holding float8_e4m3fn bits (decoded here, see E4M3_*)
     context_lens_ptr,  # int32 [max_seqs]
     page_table_ptr,  # int32 [max_seqs, pages_per_seq]
     query_start_loc_ptr,  # int32 [max_seqs + 1]
     num_seqs_ptr,  # int32 [1]
     sinks_ptr,  # f32 [Hq] (a dummy [1] without sinks)
+    kv_scales_ptr,  # f32 [2]: (key scale, value scale) of a quantized cache (a dummy without)
     # Run-time sizes: one compiled kernel serves every batch of tokens, sequences and pages.
     num_tokens,  # T
     max_seqs,
@@ -50,12 +59,15 @@ def paged_attention_kernel(
     HAS_SOFT_CAP: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    HAS_KV_SCALES: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     Q_HEADS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     GROUP_PADDED: tl.constexpr,  # GROUP_SIZE rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,  # power of two >= 16
+    KV_SLOTS: tl.constexpr,  # 2 * Hkv, or more in a cache with padding slots
+    KV_LANES: tl.constexpr,  # D, or more in a cache with padding lanes
     QUERIES_PER_BLOCK: tl.constexpr,
     KV_TOKENS_PER_BLOCK: tl.constexpr,  # kv_pages_per_block * PAGE_SIZE / sub_page_blocks
     KV_BLOCK: tl.constexpr,  # KV_TOKENS_PER_BLOCK rounded up to a power of two
@@ -69,8 +81,8 @@ def paged_attention_kernel(
     ROWS: tl.constexpr = QUERIES_PER_BLOCK * GROUP_PADDED
     max_len = pages_per_seq * PAGE_SIZE
     q_stride_t: tl.constexpr = Q_HEADS * HEAD_DIM
-    kv_stride_head: tl.constexpr = HEAD_DIM
-    kv_stride_slot: tl.constexpr = 2 * (Q_HEADS // GROUP_SIZE) * HEAD_DIM
+    kv_stride_head: tl.constexpr = KV_LANES
+    kv_stride_slot: tl.constexpr = KV_SLOTS * KV_LANES
     kv_stride_page: tl.constexpr = PAGE_SIZE * kv_stride_slot
 
     num_seqs = tl.minimum(tl.maximum(tl.load(num_seqs_ptr), 0), max_seqs)
@@ -123,10 +135,18 @@ def paged_attention_kernel(
         first_position = context - (end - begin)
         position = first_position + (token - begin)
 
-        kv_dtype = kv_pages_ptr.dtype.element_ty
+        # Products run in the cache's dtype; 8-bit stored values are widened to the queries'
+        # dtype, which holds each of them exactly.
+        compute_dtype = kv_pages_ptr.dtype.element_ty
+        if compute_dtype.primitive_bitwidth == 8:
+            compute_dtype = queries_ptr.dtype.element_ty
         query = tl.load(queries_ptr + row_offset[:, None] + dim[None, :], mask=store_mask,
                         other=0.0)
-        query = query.to(kv_dtype)
+        query = query.to(compute_dtype)
+        # Scales are linear in the logits and the output: applied there, not per element.
+        logit_scale = SOFTMAX_SCALE
+        if HAS_KV_SCALES:
+            logit_scale = tl.load(kv_scales_ptr) * SOFTMAX_SCALE
 
         # Keys this block can see: up to its last row's position, from its first row's window.
         last_token = tl.minimum(row0 + QUERIES_PER_BLOCK, end) - 1
@@ -135,7 +155,9 @@ def paged_attention_kernel(
         if HAS_WINDOW:
             key_begin = tl.maximum(first_position + (row0 - begin) - WINDOW_LEFT, 0)
         block_begin = key_begin // KV_TOKENS_PER_BLOCK
-        num_blocks = tl.where(key_begin < key_end,
+        # A program past its sequence's rows (the spare one a sequence may get, or one of a
+        # sequence with no rows) has nothing to compute.
+        num_blocks = tl.where((key_begin < key_end) & (row0 < end),
                               tl.cdiv(key_end, KV_TOKENS_PER_BLOCK) - block_begin, 0)
         if SPLIT_PARTIALS:
             # The split count is the grid's third axis, read at run time: configs that differ
@@ -170,12 +192,39 @@ def paged_attention_kernel(
                            + kv_head_offset)
             kv_mask = key_is_real[:, None] & dim_is_real[None, :]
             key = tl.load(kv_pages_ptr + slot_offset[:, None] + dim[None, :], mask=kv_mask,
-                          other=0.0)
+                          other=0)
             value = tl.load(kv_pages_ptr + slot_offset[:, None] + kv_stride_head + dim[None, :],
-                            mask=kv_mask, other=0.0)
+                            mask=kv_mask, other=0)
+            if kv_pages_ptr.dtype.element_ty == tl.uint8:
+                key_bits = key.to(tl.int32)
+                key_exponent = (key_bits >> 3) & 15
+                key_mantissa = key_bits & 7
+                key_normal = (((key_bits >> 7) << 31) | ((key_exponent + E4M3_TO_F32_EXPONENT) << 23)
+                              | (key_mantissa << 20)).to(tl.float32, bitcast=True)
+                key_small = key_mantissa.to(tl.float32) * E4M3_SUBNORMAL_UNIT
+                key_small = tl.where((key_bits >> 7) == 1, -key_small, key_small)
+                key = tl.where(key_exponent == 0, key_small, key_normal)
+                key = tl.where((key_exponent == 15) & (key_mantissa == 7), float("nan"), key)
+                value_bits = value.to(tl.int32)
+                value_exponent = (value_bits >> 3) & 15
+                value_mantissa = value_bits & 7
+                value_normal = (((value_bits >> 7) << 31)
+                                | ((value_exponent + E4M3_TO_F32_EXPONENT) << 23)
+                                | (value_mantissa << 20)).to(tl.float32, bitcast=True)
+                value_small = value_mantissa.to(tl.float32) * E4M3_SUBNORMAL_UNIT
+                value_small = tl.where((value_bits >> 7) == 1, -value_small, value_small)
+                value = tl.where(value_exponent == 0, value_small, value_normal)
+                value = tl.where((value_exponent == 15) & (value_mantissa == 7), float("nan"),
+                                 value)
+            elif kv_pages_ptr.dtype.element_ty == tl.int8:
+                # Through float32: the interpreter's int8 -> bfloat16 cast is wrong.
+                key = key.to(tl.float32)
+                value = value.to(tl.float32)
+            key = key.to(compute_dtype)
+            value = value.to(compute_dtype)
 
             logits = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION)
-            logits = logits * SOFTMAX_SCALE
+            logits = logits * logit_scale
             if HAS_SOFT_CAP:
                 # cap * tanh(x / cap), with tanh(y) = 1 - 2 / (e^(2y) + 1): exact limits at +-inf.
                 logits = SOFT_CAP * (1.0 - 2.0 / (tl.exp2(logits * (2.0 * LOG2_E / SOFT_CAP)) + 1.0))
@@ -196,6 +245,8 @@ def paged_attention_kernel(
                 weights.to(value.dtype), value, input_precision=DOT_PRECISION)
             running_max = new_max
 
+        if HAS_KV_SCALES:
+            accumulator = accumulator * tl.load(kv_scales_ptr + 1)
         if not SPLIT_PARTIALS:
             safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
             result = tl.where(running_sum[:, None] == 0.0, 0.0, accumulator / safe_sum[:, None])

@@ -5,7 +5,7 @@ the same text compile to the same executable, so each distinct program (hashed w
 target and the libtpu and jaxlib versions: :func:`program_key`) is compiled once, for a
 compile-only device of the target's topology (``jax.experimental.topologies``). A compile
 error is the verdict ``compile_error``; a config whose VMEM estimate exceeds the target's
-scoped VMEM is ``unlaunchable``.
+scoped VMEM (or the limit the config raises it to) is ``unlaunchable``.
 
 VMEM per config is the kernel's own estimate (its config's ``vmem_estimate_bytes``; see
 ``kernels/tpu_limits.py``): the compiled executable's memory analysis covers HBM only, and
@@ -101,6 +101,14 @@ def compile_program(problem, variant: str, config: KernelConfig, target: TpuTarg
     except Exception as error:  # noqa: BLE001 -- a config that does not compile is a result
         return f"{type(error).__name__}: {error}"[:2000]
     return ""
+
+
+def granted_vmem_bytes(config: KernelConfig, target: TpuTarget) -> int:
+    """The scoped VMEM a config's kernel gets on the target: the limit it raises the
+    compiler's to (its ``vmem_limit_bytes()``), else the target's default."""
+    limit = getattr(config, "vmem_limit_bytes", None)
+    granted = None if limit is None else limit()
+    return target.scoped_vmem_bytes if granted is None else int(granted)
 
 
 def vmem_estimate(problem, config: KernelConfig) -> int | None:

@@ -98,14 +98,15 @@ def _check_target(pairs, target: tpu_check.TpuTarget, compiler: Compiler,
         if not status:
             error = known[key]
             status, reason = ("compile_error", error) if error else ("ok", "")
-        if status == "ok" and vmem is not None and vmem > target.scoped_vmem_bytes:
+        granted = tpu_check.granted_vmem_bytes(config, target)
+        if status == "ok" and vmem is not None and vmem > granted:
             status = "unlaunchable"
-            reason = (f"needs ~{vmem} bytes of VMEM; {target.name} grants "
-                      f"{target.scoped_vmem_bytes} by default")
+            reason = (f"needs ~{vmem} bytes of VMEM; {target.name} grants {granted}"
+                      + (" by default" if granted == target.scoped_vmem_bytes else ""))
         rows.append({"problem_id": space.problem_id(item.problem), "problem": item.problem.label,
                      "variant": candidate.variant.name, "config": space.canonical(candidate.config),
                      "target": f"tpu:{target.name}", "status": status, "reason": reason,
-                     "vmem_bytes": vmem, "vmem_budget_bytes": target.scoped_vmem_bytes,
+                     "vmem_bytes": vmem, "vmem_budget_bytes": granted,
                      "vmem_source": VMEM_SOURCE if vmem is not None else ""})
     return rows
 
