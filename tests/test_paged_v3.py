@@ -143,7 +143,7 @@ def test_kernel_heuristics_are_valid_everywhere():
 def test_kernel_variants_are_the_accelerator_defaults():
     assert registry.default_variant_name("paged_v3", "gpu") == "triton"
     assert registry.default_variant_name("paged_v3", "tpu") == "pallas_tpu"
-    assert registry.default_variant_name("paged_v3", "cpu") == "xla"
+    assert registry.default_variant_name("paged_v3", "cpu") == "cpu_native"  # XLA where it cannot build
 
 
 def test_triton_float8_cache_compiles_before_sm_89():
