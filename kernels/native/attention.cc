@@ -5,8 +5,11 @@
 // dtype, for every query head that reads that KV head, keeps a float32 online softmax per
 // query vector, and files its partial (max, sum, weighted values) in a slot of its own. The
 // items are taken by a few threads from one atomic counter; the partials of a query vector
-// are merged (with its sink) after all items are done. Only positions inside a row's valid
-// range are ever read, so whatever a cache holds elsewhere cannot reach an output, and every
+// are merged (with its sink) after all items are done. Where the CPU has AVX-512 and the
+// head size is a multiple of 16, an item walks each block one KV head at a time (the block's
+// scores and that head's accumulators stay in L1) and widens rows to float32 in registers as
+// it reads them; elsewhere a portable engine does the same work. Only positions inside a
+// row's valid range are ever read, so whatever a cache holds elsewhere cannot reach an output, and every
 // index read from an input is clamped before it addresses memory.
 #include <algorithm>
 #include <atomic>
@@ -94,6 +97,19 @@ inline float dot_f32(const float* a, const float* b, int64_t d) {
   return sum;
 }
 
+#if defined(__AVX512F__)
+// The four horizontal sums of a0..a3 -> out[0..3], in a shuffle tree shared by all four.
+inline void reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  // Each 128-bit lane now holds partial sums [a0, a1, a2, a3]; add the four lanes.
+  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0x4E));
+  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0xB1));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(sum));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // q and k as bfloat16 bit patterns; d is a multiple of 32. Products accumulate in float32.
 inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t d) {
@@ -111,17 +127,6 @@ inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t d) {
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 constexpr bool kHaveBf16Dot = true;
-
-// The four horizontal sums of a0..a3 -> out[0..3], in a shuffle tree shared by all four.
-inline void reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* out) {
-  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
-  // Each 128-bit lane now holds partial sums [a0, a1, a2, a3]; add the four lanes.
-  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0x4E));
-  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0xB1));
-  _mm_storeu_ps(out, _mm512_castps512_ps128(sum));
-}
 
 // Four queries (rows q, q + d, ...) against one key, bfloat16 products, d % 32 == 0.
 inline void dot4_bf16(const uint16_t* q, const uint16_t* k, int64_t d, float* out) {
@@ -219,6 +224,7 @@ struct PagedRows {
 
 struct Scratch {
   std::vector<float> scores, key, value, query;
+  std::vector<const char*> key_rows, value_rows, head_rows;
   std::vector<uint16_t> query_bf16;
   std::vector<float> m, l, acc;
 };
@@ -346,8 +352,121 @@ inline void weighted_sum(const float* w, int64_t w_stride, const float* v, int64
   }
 }
 
-// One work item: query vectors (rows x G heads for each KV head in [g0, g1)) against the
-// positions [a, b). The vectors of row r read positions [lo[r], hi[r]) only; q_at(r, h)
+#if defined(__AVX512F__)
+// Sixteen elements of a cache row from element i, in float32 (bfloat16 widens by a shift).
+template <Kind K>
+inline __m512 load16(const char* row, int64_t i) {
+  if constexpr (K == Kind::kF32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + i);
+  } else {
+    const __m256i bits = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + i));
+    if constexpr (K == Kind::kBF16)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    else
+      return _mm512_cvtph_ps(bits);
+  }
+}
+
+// Scores of kCount (1..4) query vectors (rows of q, d apart, scale folded in) against one
+// key row, d % 16 == 0 -> out[0..kCount). Float32 products: on CPUs whose bfloat16 dot
+// instruction does half an FMA's work per cycle, widening the key is the faster way.
+template <Kind K, int kCount>
+inline void score_row(const float* q, const char* key, int64_t d, float* out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                 _mm512_setzero_ps()};
+  for (int64_t i = 0; i < d; i += 16) {
+    const __m512 k = load16<K>(key, i);
+    for (int e = 0; e < kCount; ++e)
+      a[e] = _mm512_fmadd_ps(_mm512_loadu_ps(q + e * d + i), k, a[e]);
+  }
+  float sums[4];
+  reduce4(a[0], a[1], a[2], a[3], sums);
+  for (int e = 0; e < kCount; ++e) out[e] = sums[e];
+}
+
+// acc[e][c, c + 16 kVecs) += sum over t in [t0, t1) of w[e * w_stride + t] * row_t[c, ...)
+// for kCount query vectors; the value rows are widened as they are read.
+template <Kind K, int kCount, int kVecs>
+inline void weigh_columns(const float* w, int64_t w_stride, const char* const* rows, int64_t c,
+                          int64_t t0, int64_t t1, float* acc, int64_t acc_stride) {
+  __m512 a[kCount][kVecs];
+  for (int e = 0; e < kCount; ++e)
+    for (int u = 0; u < kVecs; ++u) a[e][u] = _mm512_loadu_ps(acc + e * acc_stride + c + 16 * u);
+  for (int64_t t = t0; t < t1; ++t) {
+    __m512 x[kVecs];
+    for (int u = 0; u < kVecs; ++u) x[u] = load16<K>(rows[t], c + 16 * u);
+    for (int e = 0; e < kCount; ++e) {
+      const __m512 weight = _mm512_set1_ps(w[e * w_stride + t]);
+      for (int u = 0; u < kVecs; ++u) a[e][u] = _mm512_fmadd_ps(weight, x[u], a[e][u]);
+    }
+  }
+  for (int e = 0; e < kCount; ++e)
+    for (int u = 0; u < kVecs; ++u) _mm512_storeu_ps(acc + e * acc_stride + c + 16 * u, a[e][u]);
+}
+
+template <Kind K, int kCount>
+inline void weigh_rows(const float* w, int64_t w_stride, const char* const* rows, int64_t d,
+                       int64_t t0, int64_t t1, float* acc, int64_t acc_stride) {
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64)
+    weigh_columns<K, kCount, 4>(w, w_stride, rows, c, t0, t1, acc, acc_stride);
+  switch ((d - c) / 16) {
+    case 3: weigh_columns<K, kCount, 3>(w, w_stride, rows, c, t0, t1, acc, acc_stride); break;
+    case 2: weigh_columns<K, kCount, 2>(w, w_stride, rows, c, t0, t1, acc, acc_stride); break;
+    case 1: weigh_columns<K, kCount, 1>(w, w_stride, rows, c, t0, t1, acc, acc_stride); break;
+    default: break;
+  }
+}
+
+// weigh_rows for any number of query vectors, four at a time.
+template <Kind K>
+inline void weigh(const float* w, int64_t w_stride, const char* const* rows, int64_t d,
+                  int64_t t0, int64_t t1, float* acc, int64_t acc_stride, int64_t count) {
+  int64_t e = 0;
+  for (; e + 4 <= count; e += 4)
+    weigh_rows<K, 4>(w + e * w_stride, w_stride, rows, d, t0, t1, acc + e * acc_stride, acc_stride);
+  switch (count - e) {
+    case 3: weigh_rows<K, 3>(w + e * w_stride, w_stride, rows, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    case 2: weigh_rows<K, 2>(w + e * w_stride, w_stride, rows, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    case 1: weigh_rows<K, 1>(w + e * w_stride, w_stride, rows, d, t0, t1, acc + e * acc_stride, acc_stride); break;
+    default: break;
+  }
+}
+
+// Scores of `count` query vectors against one key row, four at a time.
+template <Kind K>
+inline void score(const float* q, const char* key, int64_t d, int64_t count, float* scores,
+                  int64_t block) {
+  float z[4];
+  int64_t e = 0;
+  for (; e + 4 <= count; e += 4) {
+    score_row<K, 4>(q + e * d, key, d, z);
+    for (int u = 0; u < 4; ++u) scores[(e + u) * block] = z[u];
+  }
+  const int64_t rest = count - e;
+  if (rest == 3) score_row<K, 3>(q + e * d, key, d, z);
+  else if (rest == 2) score_row<K, 2>(q + e * d, key, d, z);
+  else if (rest == 1) score_row<K, 1>(q + e * d, key, d, z);
+  for (int64_t u = 0; u < rest; ++u) scores[(e + u) * block] = z[u];
+}
+// score<> with bfloat16 products (float32 sums) against a bfloat16 key row, d % 32 == 0.
+inline void score_bf16(const uint16_t* q, const uint16_t* key, int64_t d, int64_t count,
+                       float scale, float* scores, int64_t block) {
+  int64_t e = 0;
+#if defined(__AVX512BF16__)
+  for (; e + 4 <= count; e += 4) {
+    float z[4];
+    dot4_bf16(q + e * d, key, d, z);
+    for (int u = 0; u < 4; ++u) scores[(e + u) * block] = z[u] * scale;
+  }
+#endif
+  for (; e < count; ++e) scores[e * block] = dot_bf16(q + e * d, key, d) * scale;
+}
+#endif
+
+// One work item, on any CPU and head size: query vectors (rows x G heads for each KV head
+// in [g0, g1)) against the positions [a, b). The vectors of row r read positions [lo[r], hi[r]) only; q_at(r, h)
 // gives the float32 query of row r, head h; slot_at(r, h) its partial's storage.
 template <Kind K, class Rows, class QueryAt, class SlotAt>
 void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t nrows,
@@ -356,12 +475,10 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
   const int64_t nq = nrows * group;  // query vectors per KV head
   const int64_t heads = g1 - g0;
   const int64_t block = prm.block;
-  const bool bf16_dot = K == Kind::kBF16 && kHaveBf16Dot && prm.bf16_dot && d % 32 == 0;
   s.scores.resize(size_t(heads * nq * block));
   s.key.resize(size_t(d));
   s.value.resize(size_t(heads * block * d));
   s.query.resize(size_t(heads * nq * d));
-  s.query_bf16.resize(size_t(heads * nq * d));
   s.m.assign(size_t(heads * nq), kNegInf);
   s.l.assign(size_t(heads * nq), 0.0f);
   s.acc.assign(size_t(heads * nq * d), 0.0f);
@@ -370,13 +487,6 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
       for (int64_t e = 0; e < group; ++e) {
         const int64_t at = (hg * nq) + r * group + e;
         std::memcpy(s.query.data() + at * d, q_at(r, (g0 + hg) * group + e), size_t(d) * 4);
-        const float* src = s.query.data() + at * d;
-        uint16_t* dst16 = s.query_bf16.data() + at * d;
-        for (int64_t i = 0; i < d; ++i) {
-          uint32_t bits;
-          std::memcpy(&bits, src + i, 4);
-          dst16[i] = uint16_t(bits >> 16);  // exact when the query came as bfloat16
-        }
       }
   const float cap = prm.soft_cap;
   const int64_t row_bytes = d * (K == Kind::kF32 ? 4 : 2);
@@ -402,10 +512,9 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
         const int64_t g = g0 + hg;
         const char* krow = kbase + rows.ko(g);
         const float* kf = reinterpret_cast<const float*>(krow);
-        bool loaded = K == Kind::kF32 || bf16_dot;
+        bool loaded = K == Kind::kF32;
         float* scores = s.scores.data() + hg * nq * block;
         const float* query = s.query.data() + hg * nq * d;
-        const uint16_t* query16 = s.query_bf16.data() + hg * nq * d;
         for (int64_t r = 0; r < nrows; ++r) {
           if (j < lo[r] || j >= hi[r]) continue;
           if (!loaded) {
@@ -413,22 +522,9 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
             kf = s.key.data();
             loaded = true;
           }
-          int64_t e = 0;
-#if defined(__AVX512BF16__)
-          if (bf16_dot)
-            for (; e + 4 <= group; e += 4) {
-              float z[4];
-              const int64_t qi = r * group + e;
-              dot4_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d, z);
-              for (int u = 0; u < 4; ++u) scores[(qi + u) * block + t] = z[u] * prm.scale;
-            }
-#endif
-          for (; e < group; ++e) {
+          for (int64_t e = 0; e < group; ++e) {
             const int64_t qi = r * group + e;
-            const float z = bf16_dot
-                ? dot_bf16(query16 + qi * d, reinterpret_cast<const uint16_t*>(krow), d)
-                : dot_f32(query + qi * d, kf, d);
-            scores[qi * block + t] = z * prm.scale;
+            scores[qi * block + t] = dot_f32(query + qi * d, kf, d) * prm.scale;
           }
         }
       }
@@ -489,6 +585,158 @@ void run_item(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t n
         out[1] = s.l[hg * nq + qi];
         std::memcpy(out + 2, s.acc.data() + (hg * nq + qi) * d, size_t(d) * 4);
       }
+}
+
+#if defined(__AVX512F__)
+// run_item for d % 16 == 0 on AVX-512: one KV head at a time through each block, so the
+// block's scores and the head's accumulators stay in L1, keys and values widened to
+// float32 as they are read (no copy of the block), and each position's page looked up
+// once per block instead of once per head.
+template <Kind K, class Rows, class QueryAt, class SlotAt>
+void run_item_wide(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t nrows,
+                   const int64_t* lo, const int64_t* hi, int64_t a, int64_t b, int64_t d,
+                   const Params& prm, QueryAt q_at, SlotAt slot_at, Scratch& s) {
+  const int64_t nq = nrows * group;  // query vectors per KV head
+  const int64_t heads = g1 - g0;
+  const int64_t block = prm.block;
+  s.scores.resize(size_t(nq * block));
+  s.query.resize(size_t(heads * nq * d));
+  s.key_rows.resize(size_t(block));
+  s.value_rows.resize(size_t(block));
+  s.head_rows.resize(size_t(block));
+  s.m.assign(size_t(heads * nq), kNegInf);
+  s.l.assign(size_t(heads * nq), 0.0f);
+  s.acc.assign(size_t(heads * nq * d), 0.0f);
+  // Several rows share each key and value row: widen the block once instead of per row.
+  const bool widen_once = K != Kind::kF32 && nrows > 1;
+  if (widen_once) {
+    s.key.resize(size_t(d));
+    s.value.resize(size_t(block * d));
+  }
+  // bfloat16 products score the exact bfloat16 query and scale each score; float32 ones
+  // fold the scale into the query (one multiply per query element, not per score).
+  const bool bf16_dot = K == Kind::kBF16 && kHaveBf16Dot && prm.bf16_dot && d % 32 == 0;
+  if (bf16_dot) s.query_bf16.resize(size_t(heads * nq * d));
+  for (int64_t hg = 0; hg < heads; ++hg)
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int64_t e = 0; e < group; ++e) {
+        const float* src = q_at(r, (g0 + hg) * group + e);
+        const int64_t at = ((hg * nq) + r * group + e) * d;
+        float* dst = s.query.data() + at;
+        for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * prm.scale;
+        if (bf16_dot)
+          for (int64_t i = 0; i < d; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, src + i, 4);
+            s.query_bf16[size_t(at + i)] = uint16_t(bits >> 16);  // exact: the query is bfloat16
+          }
+      }
+  const float cap = prm.soft_cap;
+  const int64_t row_bytes = d * (K == Kind::kF32 ? 4 : 2);
+  for (int64_t start = a; start < b; start += block) {
+    const int64_t n = std::min(block, b - start);
+    for (int64_t t = 0; t < n; ++t) {
+      s.key_rows[size_t(t)] = rows.kb(start + t);
+      s.value_rows[size_t(t)] = rows.vb(start + t);
+    }
+    for (int64_t hg = 0; hg < heads; ++hg) {
+      const int64_t g = g0 + hg;
+      const float* query = s.query.data() + hg * nq * d;
+      float* scores = s.scores.data();
+      // Scores [query vector][position] of this head. Its rows are a strided stream the
+      // hardware does not prefetch, hence the prefetch of a row `prefetch` positions on.
+      // The rows of a prefill item score the union of their ranges; each row's softmax
+      // below reads only its own positions.
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t j = start + t;
+        if (prm.prefetch > 0 && j + prm.prefetch < b) {
+          const char* kahead = rows.k(j + prm.prefetch, g);
+          const char* vahead = rows.v(j + prm.prefetch, g);
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(kahead + off);
+            __builtin_prefetch(vahead + off);
+          }
+        }
+        const char* key = s.key_rows[size_t(t)] + rows.ko(g);
+        if (bf16_dot) {
+          score_bf16(s.query_bf16.data() + hg * nq * d, reinterpret_cast<const uint16_t*>(key), d,
+                     nq, prm.scale, scores + t, block);
+        } else if (widen_once) {
+          for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(s.key.data() + i, load16<K>(key, i));
+          score<Kind::kF32>(query, reinterpret_cast<const char*>(s.key.data()), d, nq, scores + t,
+                            block);
+        } else {
+          score<K>(query, key, d, nq, scores + t, block);
+        }
+      }
+      // This head's value rows: the cache's own, or the block widened once for many rows.
+      const char** values = s.head_rows.data();
+      for (int64_t t = 0; t < n; ++t) {
+        const char* row = s.value_rows[size_t(t)] + rows.vo(g);
+        if (widen_once) {
+          float* dst = s.value.data() + t * d;
+          for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(dst + i, load16<K>(row, i));
+          row = reinterpret_cast<const char*>(dst);
+        }
+        values[t] = row;
+      }
+      float* m = s.m.data() + hg * nq;
+      float* l = s.l.data() + hg * nq;
+      float* acc = s.acc.data() + hg * nq * d;
+      for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t t0 = std::max(start, lo[r]) - start, t1 = std::min(start + n, hi[r]) - start;
+        if (t0 >= t1) continue;
+        for (int64_t e = 0; e < group; ++e) {
+          const int64_t qi = r * group + e;
+          float* z = scores + qi * block;
+          if (cap > 0)
+            for (int64_t t = t0; t < t1; ++t) z[t] = cap * std::tanh(z[t] / cap);
+          const float m_new = nan_max(m[qi], block_max(z + t0, t1 - t0));
+          if (m_new == kNegInf) {
+            std::fill(z + t0, z + t1, 0.0f);
+            continue;
+          }
+          const float alpha = m[qi] == kNegInf ? 0.0f : std::exp(m[qi] - m_new);
+          l[qi] = l[qi] * alpha + exp_and_sum(z + t0, t1 - t0, m_new);
+          m[qi] = m_new;
+          if (alpha != 1.0f) {
+            float* ac = acc + qi * d;
+            for (int64_t i = 0; i < d; ++i) ac[i] *= alpha;
+          }
+        }
+        if (widen_once)
+          weigh<Kind::kF32>(scores + r * group * block, block, values, d, t0, t1,
+                            acc + r * group * d, d, group);
+        else
+          weigh<K>(scores + r * group * block, block, values, d, t0, t1, acc + r * group * d,
+                   d, group);
+      }
+    }
+  }
+  for (int64_t hg = 0; hg < heads; ++hg)
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int64_t e = 0; e < group; ++e) {
+        const int64_t qi = r * group + e;
+        float* out = slot_at(r, (g0 + hg) * group + e);
+        out[0] = s.m[hg * nq + qi];
+        out[1] = s.l[hg * nq + qi];
+        std::memcpy(out + 2, s.acc.data() + (hg * nq + qi) * d, size_t(d) * 4);
+      }
+}
+#endif
+
+// The engine for this item: the AVX-512 one where the head size allows, else the portable one.
+template <Kind K, class Rows, class QueryAt, class SlotAt>
+void run_item_on_cpu(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int64_t nrows,
+                     const int64_t* lo, const int64_t* hi, int64_t a, int64_t b, int64_t d,
+                     const Params& prm, QueryAt q_at, SlotAt slot_at, Scratch& s) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    run_item_wide<K>(rows, g0, g1, group, nrows, lo, hi, a, b, d, prm, q_at, slot_at, s);
+    return;
+  }
+#endif
+  run_item<K>(rows, g0, g1, group, nrows, lo, hi, a, b, d, prm, q_at, slot_at, s);
 }
 
 // Merges the partials of one query vector (and its sink) into its output row.
@@ -593,7 +841,7 @@ void decode_run(const float* q, const char* key, const char* value, const int32_
     const Item& it = items[size_t(i)];
     const int64_t seq_bytes = len * kv_heads * d * elem;
     DecodeRows rows{key + it.seq * seq_bytes, value + it.seq * seq_bytes, kv_heads * d * elem, d * elem};
-    run_item<K>(rows, it.g0, it.g1, group, 1, &lo[it.seq], &hi[it.seq], it.a, it.b, d, prm,
+    run_item_on_cpu<K>(rows, it.g0, it.g1, group, 1, &lo[it.seq], &hi[it.seq], it.a, it.b, d, prm,
                 [&](int64_t, int64_t h) { return q + (it.seq * q_heads + h) * d; },
                 [&](int64_t, int64_t h) {
                   return parts.data() + ((it.seq * q_heads + h) * prm.splits + it.split) * stride;
@@ -694,7 +942,7 @@ void paged_run(const float* q, const char* pages, const int32_t* context_lens,
     const Item& it = items[size_t(n)];
     PagedRows rows{pages, table + it.seq * pages_per_seq, num_pages, page_size,
                    2 * kv_heads * d * elem, d * elem};
-    run_item<K>(rows, it.g0, it.g1, group, it.nrows, &lo[it.row0], &hi[it.row0], it.a, it.b, d,
+    run_item_on_cpu<K>(rows, it.g0, it.g1, group, it.nrows, &lo[it.row0], &hi[it.row0], it.a, it.b, d,
                 prm, [&](int64_t r, int64_t h) { return q + ((it.row0 + r) * q_heads + h) * d; },
                 [&](int64_t r, int64_t h) {
                   return parts.data() + (((it.row0 + r) * q_heads + h) * prm.splits + it.split) * stride;
