@@ -384,7 +384,8 @@ def bench(
                                     "then a side-by-side table: each variant's default and "
                                     "best config, time, fraction of the floor, error."),
 ) -> None:
-    """Time each variant on a benchmark problem; print median, memory floor and their ratio."""
+    """Time each variant on a benchmark problem; print median, memory and compute floors and
+    their ratios."""
     from attnbench.tuner.measure import roofline
     from attnbench.tuner.measure.bench import (BENCH_PROBLEMS, bench_problem, run_bench,
                                                side_by_side_markdown)
@@ -412,7 +413,8 @@ def bench(
     except SweepFileError as error:
         raise typer.BadParameter("; ".join(error.problems), param_hint="--set") from None
     typer.echo(f"problem: {spec}")
-    typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured)")
+    typer.echo(f"read bandwidth: {roofline.read_bandwidth() / 1e9:.1f} GB/s (measured); compute "
+               f"floor: an XLA matmul of the same flops")
     best = auto = None
     rows = []
     for row in run_bench(spec, variant_names=variant, sample=sample, repeats=repeats, seed=seed,
@@ -428,7 +430,9 @@ def bench(
             continue
         typer.echo(f"  {row.variant:<16} {json.dumps(row.config)}: median {row.timing.median_us:9.0f} us "
                    f"(p20 {row.timing.p20_us:.0f}, p80 {row.timing.p80_us:.0f}), "
-                   f"{row.fraction_of_floor:5.2f}x floor, rel err {row.relative_error:.1e} "
+                   f"{row.fraction_of_floor:5.2f}x floor, "
+                   f"{row.fraction_of_compute_floor:5.2f}x compute floor, "
+                   f"rel err {row.relative_error:.1e} "
                    f"[{row.timing.timer} timer, {row.timing.cache} cache"
                    + (f", wall {row.timing.wall_median_us:.0f} us"
                       if row.timing.wall_median_us is not None else "") + "]")
@@ -449,7 +453,8 @@ def bench(
         typer.echo("no variant ran correctly")
         raise typer.Exit(1)
     typer.echo(f"best: {best.variant} {json.dumps(best.config)}: {best.timing.median_us:.0f} us; "
-               f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x")
+               f"floor {best.floor_us:.0f} us; ratio {best.fraction_of_floor:.2f}x; compute floor "
+               f"{best.compute_floor_us:.0f} us; ratio {best.fraction_of_compute_floor:.2f}x")
     if auto is not None:
         typer.echo(f"auto: {auto.variant}: {auto.fraction_of_floor:.2f}x floor, "
                    f"{auto.timing.median_us / best.timing.median_us:.2f}x the best timed here")

@@ -117,6 +117,10 @@ def test_bench_prints_the_ratio_to_the_floor_for_a_changed_problem():
     assert "max_len=512" in result.output and "batch=2" in result.output
     best = [line for line in result.output.splitlines() if line.startswith("best: ")]
     assert len(best) == 1 and "x" in best[0].rsplit("ratio", 1)[1]
+    # Both floors: the memory floor and an XLA matmul of the call's flops.
+    memory_floor = float(best[0].split("; floor ")[1].split(" us")[0])
+    compute_floor = float(best[0].split("compute floor ")[1].split(" us")[0])
+    assert memory_floor > 0 and compute_floor > 0
     # The call's own choice is timed too, and said where it came from.
     # (Llama-3-8B's heads: the shipped CPU table's entries for them, at other sizes.)
     assert "the call's own choice (tuned: shipped tables: " in result.output
@@ -132,3 +136,27 @@ def test_bench_refuses_a_bad_field_by_name():
     assert result.exit_code != 0 and "heads" in result.output and "unknown field" in result.output
     result = runner.invoke(app, ["bench", "decode", "--set", "context"])
     assert result.exit_code != 0 and "FIELD=VALUE" in result.output
+
+
+def test_the_compute_floor_counts_every_valid_logit_and_weighted_value():
+    import numpy as np
+
+    from attnbench.kernels.decode.problem import DecodeProblem
+    from attnbench.kernels.paged.problem import PagedProblem
+    from attnbench.tuner.measure import roofline
+
+    decode = DecodeProblem(batch=3, max_len=64, q_heads=8, kv_heads=2, head_dim=32,
+                           dtype="float32", random_start=True)
+    args, kwargs = decode.make_inputs(0)
+    valid = int(np.sum(np.asarray(args[4]) - np.asarray(args[3])))  # end - start per row
+    # q.k and p.v, two flops per multiply-add, for each query head of each valid key.
+    assert roofline.flops("decode", args, kwargs) == valid * 8 * 32 * 4
+    # One prefill chunk of 4 rows over a context of 10: causal, so 7 + 8 + 9 + 10 keys.
+    paged = PagedProblem(num_seqs=1, max_len=16, q_heads=4, kv_heads=1, head_dim=16,
+                         page_size=8, dtype="float32", prefill_fraction=1.0, prefill_chunk=4)
+    args, kwargs = paged.make_inputs(0)
+    context = int(np.asarray(args[2])[0])
+    rows = int(np.asarray(args[4])[1] - np.asarray(args[4])[0])
+    pairs = sum(context - rows + r + 1 for r in range(rows))
+    assert roofline.flops("paged", args, kwargs) == pairs * 4 * 16 * 4
+    assert roofline.compute_floor_us(10**9, "float32") > 0

@@ -682,8 +682,9 @@ void run_item_wide(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int6
   s.m.assign(size_t(heads * nq), kNegInf);
   s.l.assign(size_t(heads * nq), 0.0f);
   s.acc.assign(size_t(heads * nq * d), 0.0f);
-  // Several rows share each key and value row: widen the block once instead of per row.
-  const bool widen_once = K != Kind::kF32 && nrows > 1;
+  // Many query vectors share each key and value row (prefill rows, wide GQA groups, MQA):
+  // widen the block once instead of once per four of them.
+  const bool widen_once = K != Kind::kF32 && nq > 8;
   if (widen_once) {
     s.key.resize(size_t(4 * d));
     s.value.resize(size_t(block * d));

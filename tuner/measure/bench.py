@@ -66,15 +66,22 @@ class BenchRow:
     timing: Timing | None
     relative_error: float
     status: str  # "ok", "wrong: <why>", "unsupported: <why>" or "error: ..."
-    floor_us: float
+    floor_us: float  # the memory floor
     is_default: bool = False
     peer: str | None = None  # "jax 0.10.2": another project's kernel, at that version
     input_conversion: str = ""  # what was converted once, untimed, for a peer's layout
     source: str = ""  # the auto row's: what kind of choice it is, and where it came from
+    compute_floor_us: float = 0.0  # an XLA matmul of the call's flops; 0: not measured
 
     @property
     def fraction_of_floor(self) -> float:
         return self.timing.median_us / self.floor_us if self.timing else float("inf")
+
+    @property
+    def fraction_of_compute_floor(self) -> float:
+        if not self.timing or self.compute_floor_us <= 0:
+            return float("inf")
+        return self.timing.median_us / self.compute_floor_us
 
 
 def compile_call(op: str, variant: str | None, config: KernelConfig | None, args: tuple,
@@ -121,6 +128,7 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
     shape = problem.shape(seed)
     moved = roofline.bytes_moved(op, args, kwargs)
     floor = roofline.floor_us(moved, roofline.read_bandwidth())
+    compute_floor = roofline.compute_floor_us(roofline.flops(op, args, kwargs), problem.dtype)
     operator = registry.get_operator(op)
     donated, carry = donation(operator, len(args))
     _, trailing = with_array_keywords_last(None, len(args), kwargs)
@@ -163,6 +171,7 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         # default variant's heuristic), timed as the same compiled call a user gets.
         choice = lookup.choose(shape, platform=platform)
         row = functools.partial(BenchRow, f"{AUTO}:{choice.variant.name}", floor_us=floor,
+                                compute_floor_us=compute_floor,
                                 source=f"{choice.kind}: {choice.source}")
         yield judged_and_timed(
             row, choice.config,
@@ -172,7 +181,8 @@ def run_bench(problem, *, variant_names: list[str] | None = None, sample: int = 
         if not _included(variant, variant_names, peers, platform):
             continue
         origin = None if variant.peer is None else f"{variant.peer.project} {variant.peer.version()}"
-        row = functools.partial(BenchRow, variant.name, floor_us=floor, peer=origin,
+        row = functools.partial(BenchRow, variant.name, floor_us=floor,
+                                compute_floor_us=compute_floor, peer=origin,
                                 input_conversion=variant.conversion)
         unsupported = variant.unsupported_reason(shape, platform, interpret=False)
         if unsupported:

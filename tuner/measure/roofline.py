@@ -1,9 +1,11 @@
-"""The memory floor: the least time an attention call can take on this machine.
+"""The floors: the least time an attention call can take on this machine.
 
-Decode and paged attention are memory-bound: each valid key/value row must be read once.
-The floor is those bytes (plus queries and outputs; each operator object counts them) over
-the read bandwidth, which is measured here with a large reduction over a buffer several
-times the last-level cache.
+Decode and paged decode are memory-bound: each valid key/value row must be read once. The
+memory floor is those bytes (plus queries and outputs; each operator object counts them)
+over the read bandwidth, which is measured here with a large reduction over a buffer several
+times the last-level cache. Batches with prefill chunks are compute-bound: their compute
+floor is the time an XLA matmul of the same flops takes (each operator object counts the
+flops of the valid logits and weighted values).
 """
 
 from __future__ import annotations
@@ -54,5 +56,43 @@ def bytes_moved(op: str, args: tuple, kwargs: dict) -> int:
     return get_operator(op).bytes_moved(args, kwargs)
 
 
+def flops(op: str, args: tuple, kwargs: dict) -> int:
+    """Flops of the valid logits and weighted values of a call of `op` (its operator object
+    counts them)."""
+    from attnbench.kernels.registry import get_operator
+
+    return get_operator(op).flops(args, kwargs)
+
+
 def floor_us(num_bytes: int, bandwidth: float) -> float:
     return num_bytes / bandwidth * 1e6
+
+
+# The largest square matmul timed for the compute floor (three 4096^2 operands: 128 MiB in
+# float32); bigger calls are scaled from its rate.
+_MATMUL_SIDE_LIMIT = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def matmul_rate(flops: int, dtype: str) -> float:
+    """Flops per second of an XLA matmul of about `flops` on the default device: square, in
+    `dtype` and in float32 (float32 sums), the faster of the two and the best of five runs,
+    as the floor must be a rate a kernel could reach (any kernel may widen to float32)."""
+    side = round((max(flops, 1) / 2) ** (1 / 3) / 64) * 64
+    side = min(max(side, 64), _MATMUL_SIDE_LIMIT)
+    best = 0.0
+    for name in dict.fromkeys((dtype, "float32")):
+        a = jnp.ones((side, side), name)
+        product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+        compiled = product.lower(a, a).compile()
+        jax.block_until_ready(compiled(a, a))
+        for _ in range(5):
+            began = time.perf_counter()
+            jax.block_until_ready(compiled(a, a))
+            best = max(best, 2 * side**3 / (time.perf_counter() - began))
+    return best
+
+
+def compute_floor_us(flops: int, dtype: str) -> float:
+    """Microseconds an XLA matmul of `flops` takes here (see matmul_rate)."""
+    return flops / matmul_rate(flops, dtype) * 1e6
