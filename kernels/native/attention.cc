@@ -450,81 +450,6 @@ inline void score(const float* q, const char* key, int64_t d, int64_t count, flo
   else if (rest == 1) score_row<K, 1>(q + e * d, key, d, z);
   for (int64_t u = 0; u < rest; ++u) scores[(e + u) * block] = z[u];
 }
-// The sums of a[query][key] (4 x 4 accumulators) -> one vector whose 128-bit lane q holds
-// query q's scores for keys 0..3: four keys at a time cost fewer shuffles per score than one,
-// and their scores leave in four stores instead of sixteen.
-inline __m512 reduce16(const __m512 (&a)[4][4]) {
-  __m512 r[4];
-  for (int q = 0; q < 4; ++q) {
-    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[q][0], a[q][1]),
-                                     _mm512_unpackhi_ps(a[q][0], a[q][1]));
-    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[q][2], a[q][3]),
-                                     _mm512_unpackhi_ps(a[q][2], a[q][3]));
-    // Each 128-bit lane: partial sums for keys 0..3.
-    r[q] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
-  }
-  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x44),
-                                   _mm512_shuffle_f32x4(r[0], r[1], 0xEE));
-  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], 0x44),
-                                   _mm512_shuffle_f32x4(r[2], r[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
-}
-
-// Scores of kCount (1..4) query vectors against four key rows -> scores[e * block + 0..3].
-// kBf16: bfloat16 products of the exact bfloat16 queries q16, then times `scale`; else
-// float32 products of the scaled queries q, keys widened as they are read.
-template <Kind K, int kCount, bool kBf16>
-inline void score_four_keys(const float* q, const uint16_t* q16, const char* const* keys,
-                            int64_t d, float scale, float* scores, int64_t block) {
-  __m512 a[4][4];
-  for (int e = 0; e < 4; ++e)
-    for (int k = 0; k < 4; ++k) a[e][k] = _mm512_setzero_ps();
-  if constexpr (kBf16) {
-#if defined(__AVX512BF16__)
-    for (int64_t i = 0; i < d; i += 32) {
-      __m512bh kv[4];
-      for (int k = 0; k < 4; ++k)
-        kv[k] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(keys[k]) + i);
-      for (int e = 0; e < kCount; ++e) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q16 + e * d + i);
-        for (int k = 0; k < 4; ++k) a[e][k] = _mm512_dpbf16_ps(a[e][k], qv, kv[k]);
-      }
-    }
-#endif
-  } else {
-    for (int64_t i = 0; i < d; i += 16) {
-      __m512 kv[4];
-      for (int k = 0; k < 4; ++k) kv[k] = load16<K>(keys[k], i);
-      for (int e = 0; e < kCount; ++e) {
-        const __m512 qv = _mm512_loadu_ps(q + e * d + i);
-        for (int k = 0; k < 4; ++k) a[e][k] = _mm512_fmadd_ps(qv, kv[k], a[e][k]);
-      }
-    }
-  }
-  __m512 sums = reduce16(a);
-  if constexpr (kBf16) sums = _mm512_mul_ps(sums, _mm512_set1_ps(scale));
-  _mm_storeu_ps(scores, _mm512_castps512_ps128(sums));
-  if (kCount > 1) _mm_storeu_ps(scores + block, _mm512_extractf32x4_ps(sums, 1));
-  if (kCount > 2) _mm_storeu_ps(scores + 2 * block, _mm512_extractf32x4_ps(sums, 2));
-  if (kCount > 3) _mm_storeu_ps(scores + 3 * block, _mm512_extractf32x4_ps(sums, 3));
-}
-
-// score_four_keys for any number of query vectors, four at a time.
-template <Kind K, bool kBf16>
-inline void score_keys(const float* q, const uint16_t* q16, const char* const* keys, int64_t d,
-                       int64_t count, float scale, float* scores, int64_t block) {
-  int64_t e = 0;
-  for (; e + 4 <= count; e += 4)
-    score_four_keys<K, 4, kBf16>(q + e * d, q16 + e * d, keys, d, scale, scores + e * block, block);
-  const int64_t rest = count - e;
-  q += e * d;
-  q16 += e * d;
-  scores += e * block;
-  if (rest == 3) score_four_keys<K, 3, kBf16>(q, q16, keys, d, scale, scores, block);
-  else if (rest == 2) score_four_keys<K, 2, kBf16>(q, q16, keys, d, scale, scores, block);
-  else if (rest == 1) score_four_keys<K, 1, kBf16>(q, q16, keys, d, scale, scores, block);
-}
-
 // score<> with bfloat16 products (float32 sums) against a bfloat16 key row, d % 32 == 0.
 inline void score_bf16(const uint16_t* q, const uint16_t* key, int64_t d, int64_t count,
                        float scale, float* scores, int64_t block) {
@@ -686,7 +611,7 @@ void run_item_wide(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int6
   // widen the block once instead of once per four of them.
   const bool widen_once = K != Kind::kF32 && nq > 8;
   if (widen_once) {
-    s.key.resize(size_t(4 * d));
+    s.key.resize(size_t(d));
     s.value.resize(size_t(block * d));
   }
   // bfloat16 products score the exact bfloat16 query and scale each score; float32 ones
@@ -723,42 +648,20 @@ void run_item_wide(const Rows& rows, int64_t g0, int64_t g1, int64_t group, int6
       // hardware does not prefetch, hence the prefetch of a row `prefetch` positions on.
       // The rows of a prefill item score the union of their ranges; each row's softmax
       // below reads only its own positions.
-      auto prefetch = [&](int64_t j) {
-        if (prm.prefetch <= 0 || j + prm.prefetch >= b) return;
-        const char* kahead = rows.k(j + prm.prefetch, g);
-        const char* vahead = rows.v(j + prm.prefetch, g);
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-          __builtin_prefetch(kahead + off);
-          __builtin_prefetch(vahead + off);
-        }
-      };
-      const uint16_t* query16 = bf16_dot ? s.query_bf16.data() + hg * nq * d : nullptr;
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) {
-        const char* keys[4];
-        for (int k = 0; k < 4; ++k) {
-          prefetch(start + t + k);
-          keys[k] = s.key_rows[size_t(t + k)] + rows.ko(g);
-        }
-        if (bf16_dot) {
-          score_keys<K, true>(query, query16, keys, d, nq, prm.scale, scores + t, block);
-        } else if (widen_once) {
-          for (int k = 0; k < 4; ++k) {
-            float* widened = s.key.data() + k * d;
-            for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(widened + i, load16<K>(keys[k], i));
-            keys[k] = reinterpret_cast<const char*>(widened);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t j = start + t;
+        if (prm.prefetch > 0 && j + prm.prefetch < b) {
+          const char* kahead = rows.k(j + prm.prefetch, g);
+          const char* vahead = rows.v(j + prm.prefetch, g);
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(kahead + off);
+            __builtin_prefetch(vahead + off);
           }
-          score_keys<Kind::kF32, false>(query, nullptr, keys, d, nq, prm.scale, scores + t, block);
-        } else {
-          score_keys<K, false>(query, nullptr, keys, d, nq, prm.scale, scores + t, block);
         }
-      }
-      for (; t < n; ++t) {
-        prefetch(start + t);
         const char* key = s.key_rows[size_t(t)] + rows.ko(g);
         if (bf16_dot) {
-          score_bf16(query16, reinterpret_cast<const uint16_t*>(key), d, nq, prm.scale,
-                     scores + t, block);
+          score_bf16(s.query_bf16.data() + hg * nq * d, reinterpret_cast<const uint16_t*>(key), d,
+                     nq, prm.scale, scores + t, block);
         } else if (widen_once) {
           for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(s.key.data() + i, load16<K>(key, i));
           score<Kind::kF32>(query, reinterpret_cast<const char*>(s.key.data()), d, nq, scores + t,
