@@ -74,16 +74,16 @@ _MATMUL_SIDE_LIMIT = 4096
 
 
 @functools.lru_cache(maxsize=16)
-def matmul_rate(flops: int, dtype: str) -> float:
-    """Flops per second of an XLA matmul of about `flops` on the default device: square, in
-    `dtype` and in float32 (float32 sums), the faster of the two and the best of five runs,
+def matmul_rate(flop_count: int, dtype: str) -> float:
+    """Flops per second of an XLA matmul of about `flop_count` on the default device: square,
+    in `dtype` and in float32 (float32 sums), the faster of the two and the best of five runs,
     as the floor must be a rate a kernel could reach (any kernel may widen to float32)."""
-    side = round((max(flops, 1) / 2) ** (1 / 3) / 64) * 64
+    side = round((max(flop_count, 1) / 2) ** (1 / 3) / 64) * 64
     side = min(max(side, 64), _MATMUL_SIDE_LIMIT)
+    product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     best = 0.0
     for name in dict.fromkeys((dtype, "float32")):
         a = jnp.ones((side, side), name)
-        product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
         compiled = product.lower(a, a).compile()
         jax.block_until_ready(compiled(a, a))
         for _ in range(5):
@@ -93,6 +93,6 @@ def matmul_rate(flops: int, dtype: str) -> float:
     return best
 
 
-def compute_floor_us(flops: int, dtype: str) -> float:
-    """Microseconds an XLA matmul of `flops` takes here (see matmul_rate)."""
-    return flops / matmul_rate(flops, dtype) * 1e6
+def compute_floor_us(flop_count: int, dtype: str) -> float:
+    """Microseconds an XLA matmul of `flop_count` takes here (see matmul_rate)."""
+    return flop_count / matmul_rate(flop_count, dtype) * 1e6
