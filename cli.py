@@ -22,6 +22,8 @@ app = typer.Typer(
     add_completion=False,
     # An error is a line or two that says what to fix; the traceback is for --debug.
     pretty_exceptions_enable=False,
+    # Help texts are plain text: "attnbench[ray]" must not be read as console markup.
+    rich_markup_mode=None,
 )
 
 _DEBUG = {"on": False}
@@ -638,7 +640,7 @@ def merge(
     install: bool = typer.Option(True, "--install/--no-install",
                                  help="Install the merged winners into the user's tuned table."),
 ) -> None:
-    """Join the runs of one sweep file (e.g. --shard runs) into one run folder and table."""
+    """Join the runs of one sweep file (its --shard runs, say) into one run folder and table."""
     from attnbench.tuner import sweep as runner
     from attnbench.tuner.plan.sweep_file import SweepFileError
 

@@ -31,6 +31,12 @@ def test_list_text_shows_ops_and_platforms():
     assert "platforms: cpu, gpu, tpu" in result.output
 
 
+def test_help_prints_bracketed_text_as_written():
+    result = runner.invoke(app, ["sweep", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "pip install 'attnbench[ray]'" in result.output
+
+
 def test_lookup_reports_the_table_entry():
     shape = DecodeShape(batch=8, max_len=8192, q_heads=32, kv_heads=8, head_dim=128,
                         dtype="bfloat16")

@@ -128,6 +128,25 @@ def test_judge_fails_one_bad_row_that_a_global_norm_dilutes():
     assert "row 17 head 3 (keys 5..899)" in verdict.reason
 
 
+def test_judge_leaves_no_blas_pool_running_before_a_timing(monkeypatch):
+    import threadpoolctl
+
+    from attnbench.tuner.measure import accuracy
+
+    seen = []
+    norm = np.linalg.norm
+
+    def watched_norm(x, *args, **kwargs):
+        seen.append(max(pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                        if pool["user_api"] == "blas"))
+        return norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(accuracy.np.linalg, "norm", watched_norm)
+    reference = np.random.default_rng(0).standard_normal((64, 4, 128)).astype(np.float32)
+    assert judge(reference, reference, "float32").ok
+    assert seen and set(seen) == {1}
+
+
 def test_judge_fails_nan_and_nonzero_padding_and_passes_rounding():
     rng = np.random.default_rng(1)
     reference = rng.standard_normal((6, 4, 64)).astype(np.float32)

@@ -15,9 +15,10 @@ problem's inputs and reference) for the next batch of the same problem, which it
 first. A halving round of a problem opens when the driver has its previous round's records,
 whichever actors of its kind measured them.
 
-CPU actors of one host share its cores, so they take turns at the clock through a file lock
-in the host's temp folder (compiles still overlap). The lock is per host: actors on other
-hosts time on other CPUs, and a GPU or TPU actor times its own device, so they take none.
+CPU actors of one host share its cores, so their workers share a lock in the host's temp
+folder (see measure.host_clock): they prepare, compile and check at the same time, but one
+times alone. The lock is per host: actors on other hosts time on other CPUs, and a GPU or
+TPU actor times its own device, so they take none.
 
 Failures: a config whose worker dies is measured again once on a fresh worker (the death may
 come from outside, e.g. memory taken by another actor) and recorded `crashed` if it kills that
@@ -64,9 +65,9 @@ def _import_ray():
     return ray
 
 
-def timing_lock_path() -> str:
-    """The lock CPU actors of this host take turns at (one per host: its temp folder)."""
-    return os.path.join(tempfile.gettempdir(), f"attnbench-timing-{socket.gethostname()}.lock")
+def host_clock_path() -> str:
+    """The lock CPU actors of this host share (one per host: its temp folder)."""
+    return os.path.join(tempfile.gettempdir(), f"attnbench-clock-{socket.gethostname()}.db")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +91,14 @@ class Measurer:
         self.current: processes.Worker | None = None
         self.problem_id: str | None = None
         self.setup_failure: str | None = None
-        self.timing_lock: str | None = None
+        self.clock_path: str | None = None
 
     def probe(self, measure_bandwidth: bool) -> dict[str, Any]:
         import ray
 
         environment = processes.probe_environment(measure_bandwidth)
         # Only CPU timers share a clock with their neighbours on the host.
-        self.timing_lock = timing_lock_path() if environment["platform"] == "cpu" else None
+        self.clock_path = host_clock_path() if environment["platform"] == "cpu" else None
         environment["ray_node"] = ray.get_runtime_context().get_node_id()
         environment["actor_pid"] = os.getpid()
         return environment
@@ -107,8 +108,8 @@ class Measurer:
             self._stop()
             self.problem_id, self.setup_failure = job.problem_id, None
         # Which actor measured it: its worker's pid alone is ambiguous across hosts.
-        return [{**self._measure_one(job, dataclasses.replace(task, timing_lock=self.timing_lock)),
-                 "actor_pid": os.getpid(), "host": socket.gethostname()}
+        return [{**self._measure_one(job, task), "actor_pid": os.getpid(),
+                 "host": socket.gethostname()}
                 for task in job.tasks]
 
     def _measure_one(self, job: Job, task: worker.Task) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class Measurer:
         while True:
             if self.setup_failure is None and (self.current is None or not self.current.alive):
                 self.current = processes.Worker(job.problem, job.seed, job.tolerance,
-                                                job.bandwidth)
+                                                job.bandwidth, self.clock_path)
                 self.setup_failure = self.current.wait_ready(job.setup_timeout_s)
             if self.setup_failure:
                 return {"status": "crashed", "reason": self.setup_failure}

@@ -40,6 +40,7 @@ import dataclasses
 import math
 
 import numpy as np
+import threadpoolctl
 
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-9}
 # float32 arithmetic inside any kernel, whatever the input dtype (see the docstring).
@@ -81,6 +82,15 @@ def judge(output, reference, dtype: str, tolerance: float | None = None, *,
     key_ranges: int [rows, 2], each row's valid key positions [first, end), or None; only
     used to say where a failing row looks.
     """
+    # On one BLAS thread: a BLAS pool spins for a while after a parallel call, and a
+    # judge runs just before its config is timed, so the spinning threads would take the
+    # cores of a multi-threaded CPU kernel (it ran a two-thread kernel at half speed).
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        return _judge(output, reference, dtype, tolerance, zero_rows, key_ranges)
+
+
+def _judge(output, reference, dtype: str, tolerance: float | None, zero_rows,
+           key_ranges) -> Verdict:
     bound = RELATIVE_ERROR_BOUND[dtype] if tolerance is None else tolerance
     out = np.asarray(output, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)

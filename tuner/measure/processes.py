@@ -58,11 +58,11 @@ class Worker:
     """One measuring process holding one problem's inputs."""
 
     def __init__(self, problem, seed: int, tolerance: float,
-                 bandwidth: float | None):
+                 bandwidth: float | None, clock_path: str | None = None):
         self.connection, child = _context().Pipe()
         self.process = _context().Process(
-            target=worker.serve, args=(child, problem.problem, seed, tolerance, bandwidth),
-            daemon=True)
+            target=worker.serve,
+            args=(child, problem.problem, seed, tolerance, bandwidth, clock_path), daemon=True)
         self.process.start()
         child.close()
 

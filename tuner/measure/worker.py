@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any
 
+from .host_clock import HostClock
+
 _MESSAGE_LIMIT = 2000
 
 
@@ -128,25 +130,11 @@ class Task:
     max_seconds: float | None
     timer: str = "auto"  # see timing.TimingPolicy.for_device
     cache: str = "auto"
-    # A file lock held while timing (not while compiling): measuring processes that share
-    # a host's CPU take turns at the clock. None: this process is the host's only timer.
-    timing_lock: str | None = None
 
 
 def _message(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
-
-
-def _timing_turn(path: str | None):
-    import contextlib
-
-    if path is None:
-        return contextlib.nullcontext()
-    import filelock
-
-    # An OS lock: a worker killed mid-timing (timeout, crash) releases it with its death.
-    return filelock.FileLock(path)
 
 
 class _Problem:
@@ -219,13 +207,29 @@ class _Problem:
         return TimingPolicy.for_device(self.platform, self.device_kind, timer=task.timer,
                                        cache=task.cache, host_cache_bytes=self.host_cache_bytes)
 
-    def measure(self, task: Task) -> dict[str, Any]:
+    def measure(self, task: Task, clock: HostClock | None = None) -> dict[str, Any]:
+        """The task's record: compiled and checked while working, then timed at the clock
+        (`clock` None: this process is alone on its host). The windows of both (wall time,
+        seconds) show who worked alongside whom."""
+        clock = clock or HostClock(None)
+        with clock.working():
+            began = time.time()
+            record, call, timed_sets = self._check(task)
+            record["worked_at"] = [began, time.time()]
+        if call is None:
+            return record
+        return self._time(task, clock, record, call, timed_sets)
+
+    def _check(self, task: Task) -> tuple[dict[str, Any], Any, list | None]:
+        """The record so far, with the call to time and fresh copies of its input sets
+        (None, None: the config failed, its record says why)."""
         import jax
         import numpy as np
 
         from .accuracy import extras_problems, judge
         from .input_sets import copied
-        from .timing import time_call
+
+        failed = None, None
 
         record: dict[str, Any] = {"bytes_moved": self.bytes_moved, "floor_us": self.floor_us}
         try:
@@ -243,30 +247,33 @@ class _Problem:
             if cache_key in self.conversions:
                 record["input_conversion"] = self.conversions[cache_key]
         except Exception as error:  # noqa: BLE001 -- a failing config is a result
-            return {**record, "status": "compile_error", "reason": _message(error)}
+            return {**record, "status": "compile_error", "reason": _message(error)}, *failed
         try:
             result = compiled(*copied(timed_sets[0], self.donated))
             output, extras = self.operator.split_result(jax.block_until_ready(result))
             output = np.asarray(output)
         except Exception as error:  # noqa: BLE001
-            return {**record, "status": "error", "reason": _message(error)}
+            return {**record, "status": "error", "reason": _message(error)}, *failed
         verdict = judge(output, self.reference, self.problem.dtype, self.tolerance,
                         zero_rows=self.zero_rows, key_ranges=self.key_ranges)
         record.update(relative_error=verdict.relative_error, max_abs_error=verdict.max_abs_error)
         if not verdict.ok:
-            return {**record, "status": "wrong", "reason": verdict.reason}
+            return {**record, "status": "wrong", "reason": verdict.reason}, *failed
         wrong_extras = extras_problems(self.operator, extras, self.reference_extras)
         if wrong_extras:
-            return {**record, "status": "wrong", "reason": "; ".join(wrong_extras)}
+            return {**record, "status": "wrong", "reason": "; ".join(wrong_extras)}, *failed
+        return record, compiled, [copied(inputs, self.donated) for inputs in timed_sets]
+
+    def _time(self, task: Task, clock: HostClock, record: dict[str, Any], call,
+              input_sets: list) -> dict[str, Any]:
+        from .timing import time_call
+
         try:
-            input_sets = [copied(inputs, self.donated) for inputs in timed_sets]
-            with _timing_turn(task.timing_lock):
+            with clock.timing():
                 began = time.time()
-                timing = time_call(compiled, input_sets, warmup=task.warmup,
-                                   repeats=task.repeats, max_seconds=task.max_seconds,
-                                   policy=self.policy(task), bytes_per_call=self.bytes_moved,
-                                   carry=self.carry)
-                # When the clock ran (wall time, seconds): shows who timed alongside whom.
+                timing = time_call(call, input_sets, warmup=task.warmup, repeats=task.repeats,
+                                   max_seconds=task.max_seconds, policy=self.policy(task),
+                                   bytes_per_call=self.bytes_moved, carry=self.carry)
                 record["timed_at"] = [began, time.time()]
         except Exception as error:  # noqa: BLE001
             return {**record, "status": "error", "reason": _message(error)}
@@ -277,12 +284,17 @@ class _Problem:
         return record
 
 
-def serve(connection, problem, seed: int, tolerance: float, bandwidth: float | None) -> None:
+def serve(connection, problem, seed: int, tolerance: float, bandwidth: float | None,
+          clock_path: str | None = None) -> None:
     """Worker entry: prepares `problem`, answers ("ready", info), then measures each Task
-    it receives and answers with its record, until it receives None or the pipe closes."""
+    it receives and answers with its record, until it receives None or the pipe closes.
+    `clock_path`: the host lock shared with the other measuring processes of this host
+    (see host_clock); None when this is the host's only one."""
     _die_with_parent()
+    clock = HostClock(clock_path)
     try:
-        prepared = _Problem(problem, seed, tolerance, bandwidth)
+        with clock.working():
+            prepared = _Problem(problem, seed, tolerance, bandwidth)
     except Exception:  # noqa: BLE001 -- the parent records it for every config of the problem
         connection.send(("error", traceback.format_exc()[-_MESSAGE_LIMIT:]))
         connection.close()
@@ -296,7 +308,7 @@ def serve(connection, problem, seed: int, tolerance: float, bandwidth: float | N
         if task is None:
             break
         try:
-            record = prepared.measure(task)
+            record = prepared.measure(task, clock)
         except Exception as error:  # noqa: BLE001 -- never let one config end the worker
             record = {"status": "error", "reason": _message(error)}
         connection.send(("done", record))
